@@ -1,0 +1,1 @@
+"""LLM serving on Ray Serve: router, vLLM replicas, autoscaling, observability."""

@@ -1,0 +1,1 @@
+"""Application arguments as read from serve_config.yaml."""

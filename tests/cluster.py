@@ -1,0 +1,129 @@
+"""Start and stop the real thing for tests: Ray, Serve, the vLLM CPU engine.
+
+Both user flows are driven exactly as the README documents them, from the
+repository root with the virtual environment's own ``ray`` and ``serve``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+BASE_URL = "http://127.0.0.1:8000"
+READY_TIMEOUT_S = 420
+
+
+def clean_env() -> dict:
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    # Ray 2.60 turns token auth on for `ray start` once ~/.ray/auth_token exists
+    # (a local `serve run` writes it), but the `serve deploy` CLI only sends the
+    # token when the mode is explicit. Explicit token mode works in both cases.
+    env["RAY_AUTH_MODE"] = "token"
+    return env
+
+
+def run(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        [str(BIN / args[0]), *args[1:]],
+        cwd=REPO_ROOT, env=clean_env(), capture_output=True, text=True, timeout=timeout,
+    )
+    if check and done.returncode != 0:
+        raise RuntimeError(f"`{' '.join(args)}` exited {done.returncode}:\n{done.stderr[-3000:]}")
+    return done
+
+
+def port_open(url: str = BASE_URL) -> bool:
+    try:
+        httpx.get(url + "/-/healthz", timeout=2)
+        return True
+    except httpx.TransportError:
+        return False
+
+
+def ray_running() -> bool:
+    # Processes, not `ray status`: that fails on a token-auth mismatch too.
+    found = subprocess.run(["pgrep", "-f", "gcs_server|raylet"], capture_output=True, text=True)
+    return bool(found.stdout.strip())
+
+
+def wait_healthy(url: str = BASE_URL, timeout: float = READY_TIMEOUT_S, proc: subprocess.Popen | None = None) -> float:
+    """Wait until the app's /health says ok; returns the seconds it took."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"serve process exited early with {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return time.monotonic() - start
+        except httpx.TransportError:
+            pass
+        time.sleep(2)
+    raise TimeoutError(f"{url}/health not ready after {timeout}s")
+
+
+def assert_nothing_running() -> None:
+    assert not port_open(), "something already listens on 127.0.0.1:8000; stop it before the tests"
+    assert not ray_running(), "a Ray cluster is already running; run `ray stop` before the tests"
+
+
+class DeployedCluster:
+    """`ray start --head` then `serve deploy serve_config.yaml`: the cluster flow."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+
+    def start(self) -> float:
+        assert_nothing_running()
+        run("ray", "start", "--head", "--disable-usage-stats", timeout=180)
+        start = time.monotonic()
+        run("serve", "deploy", "serve_config.yaml", timeout=180)
+        wait_healthy()
+        return time.monotonic() - start
+
+    def stop(self) -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess]:
+        if self.stopped:
+            return None
+        self.stopped = True
+        shutdown = run("serve", "shutdown", "--yes", timeout=180, check=False)
+        stop = run("ray", "stop", timeout=180, check=False)
+        return shutdown, stop
+
+
+class ServeRunProcess:
+    """`serve run serve_config.yaml` in the foreground, no cluster beforehand."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.log_path = REPO_ROOT / ".pytest_cache" / "serve_run.log"
+
+    def start(self) -> float:
+        assert_nothing_running()
+        self.log_path.parent.mkdir(exist_ok=True)
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [str(BIN / "serve"), "run", "serve_config.yaml"],
+            cwd=REPO_ROOT, env=clean_env(), stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        return wait_healthy(proc=self.proc)
+
+    def stop(self, timeout: float = 120) -> int:
+        """Ctrl-C, as a person would; returns the exit code."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self._log.close()

@@ -1,0 +1,56 @@
+"""Session fixtures: one real Ray cluster with the app deployed, for every test.
+
+Order matters on a 2-core machine: the `serve run` flow (which starts its own
+Ray) runs first and alone; then the `serve deploy` cluster comes up once and
+serves every integration test; the test that shuts it down runs last.
+"""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from tests.cluster import BASE_URL, DeployedCluster
+
+FIRST, NORMAL, LAST = 0, 1, 2
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        if item.get_closest_marker("runs_first"):
+            return FIRST
+        if item.get_closest_marker("runs_last"):
+            return LAST
+        return NORMAL
+
+    items.sort(key=rank)  # stable: keeps file order within a rank
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "runs_first: needs the machine to itself, before the session cluster")
+    config.addinivalue_line("markers", "runs_last: tears the session cluster down")
+
+
+@pytest.fixture(scope="session")
+def deployed_cluster():
+    cluster = DeployedCluster()
+    cluster.ready_s = cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def base_url(deployed_cluster) -> str:
+    return BASE_URL
+
+
+@pytest.fixture(scope="session")
+def model_id() -> str:
+    from deployments.config.app_args import app_args_from_serve_config
+
+    return app_args_from_serve_config().selected.model_id
+
+
+@pytest.fixture(scope="session")
+def client(base_url) -> openai.OpenAI:
+    return openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=120)

@@ -1,0 +1,65 @@
+"""Unit tests: serve_config.yaml, profiles and their validation (no Ray needed)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from pydantic import ValidationError
+
+from deployments.config.app_args import AppArgs, load_serve_config
+from deployments.models.embedded import EmbeddedModelError
+
+GPU_PROFILE = "qwen2.5-7b-4090d-tp1-fp16"
+
+
+@pytest.fixture
+def args() -> dict:
+    return copy.deepcopy(load_serve_config()["applications"][0]["args"])
+
+
+def test_default_profile_is_the_embedded_cpu_model(args):
+    app_args = AppArgs.model_validate(args)
+    assert app_args.profile == "embedded-cpu"
+    assert app_args.selected.uses_embedded_model
+    assert app_args.selected.llm_config["accelerator_config"] == {"kind": "cpu"}
+
+
+def test_gpu_profile_selected_by_configuration_alone(args):
+    args["profile"] = GPU_PROFILE
+    profile = AppArgs.model_validate(args).selected
+    llm_config = profile.to_llm_config()  # resolves and validates without a GPU
+    assert llm_config.model_id == "Qwen/Qwen2.5-7B-Instruct"
+    assert llm_config.model_loading_config.model_source == "Qwen/Qwen2.5-7B-Instruct"
+    engine = llm_config.engine_kwargs
+    assert engine["dtype"] == "float16"
+    assert engine["max_model_len"] == 8192
+    assert engine["gpu_memory_utilization"] == pytest.approx(0.90)
+    engine_config = llm_config.get_engine_config()
+    assert engine_config.placement_bundles[0]["GPU"] == 1
+    assert engine_config.placement_strategy == "STRICT_PACK"
+
+
+def test_unknown_profile_names_the_choices(args):
+    args["profile"] = "h100-dreams"
+    with pytest.raises(ValidationError, match="embedded-cpu"):
+        AppArgs.model_validate(args)
+
+
+def test_invalid_engine_settings_fail_at_load_time(args):
+    args["profiles"][GPU_PROFILE]["llm_config"]["deployment_config"] = {"num_replicas": "many"}
+    with pytest.raises(ValidationError, match="deployment config"):
+        AppArgs.model_validate(args)
+
+
+def test_unknown_keys_are_refused(args):
+    args["profiles"]["embedded-cpu"]["llm_confg"] = {}
+    with pytest.raises(ValidationError, match="llm_confg"):
+        AppArgs.model_validate(args)
+
+
+def test_missing_embedded_model_gives_the_prepare_command(args, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLM_SERVE_MODEL_CACHE", str(tmp_path))
+    profile = AppArgs.model_validate(args).selected
+    with pytest.raises(EmbeddedModelError, match="python -m deployments.models.embedded prepare"):
+        profile.to_llm_config()

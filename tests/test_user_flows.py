@@ -1,0 +1,48 @@
+"""The two documented ways to run the app, each answering, then shutting down.
+
+`serve run` goes first (it starts its own Ray and needs the machine alone);
+the `serve deploy` cluster is the session's, and its shutdown is checked last.
+"""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from tests.cluster import BASE_URL, ServeRunProcess, port_open, ray_running
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def ask(model_id: str) -> str:
+    client = openai.OpenAI(base_url=BASE_URL + "/v1", api_key="unused", max_retries=0, timeout=120)
+    reply = client.chat.completions.create(model=model_id, messages=QUESTION, max_tokens=20, temperature=0)
+    return reply.choices[0].message.content
+
+
+@pytest.mark.runs_first
+def test_serve_run_answers_then_shuts_down(model_id):
+    serve_run = ServeRunProcess()
+    try:
+        ready_s = serve_run.start()
+        print(f"serve run ready in {ready_s:.0f}s")
+        assert "Paris" in ask(model_id)
+    finally:
+        exit_code = serve_run.stop()
+    assert exit_code == 0, serve_run.log_path.read_text()[-3000:]
+    assert not port_open(), "port 8000 still open after serve run exited"
+    assert not ray_running(), "serve run left its Ray instance behind"
+
+
+def test_serve_deploy_answers(deployed_cluster, model_id):
+    print(f"serve deploy ready in {deployed_cluster.ready_s:.0f}s")
+    assert "Paris" in ask(model_id)
+
+
+@pytest.mark.runs_last
+def test_serve_deploy_shuts_down_cleanly(deployed_cluster):
+    shutdown, stop = deployed_cluster.stop()
+    assert shutdown.returncode == 0, shutdown.stderr[-2000:]
+    assert stop.returncode == 0, stop.stderr[-2000:]
+    assert not port_open(), "port 8000 still open after serve shutdown"
+    assert not ray_running(), "Ray still running after ray stop"
