@@ -15,13 +15,20 @@ from ray.llm._internal.serve.core.configs.openai_api_models import to_model_meta
 
 from deployments.config.app_args import AppArgs
 from deployments.router.ingress import router_ingress_class
+from deployments.server.llm_server import ObservedLLMServer
 
 
 def build_app(args: Dict[str, Any]) -> Application:
     app_args = AppArgs.model_validate(args)
-    llm_config = app_args.selected.to_llm_config()
-    llm_deployment = build_llm_deployment(llm_config)
-    return serve.deployment(router_ingress_class(), name="Router", **app_args.router.deployment).bind(
-        llm_deployments={llm_config.model_id: llm_deployment},
+    profile = app_args.selected
+    llm_config = profile.to_llm_config(server_cls=ObservedLLMServer)
+    router = app_args.router
+    router_cls = router_ingress_class(router.admission.max_request_bytes)
+    return serve.deployment(router_cls, name="Router", **router.deployment).bind(
+        llm_deployments={llm_config.model_id: build_llm_deployment(llm_config)},
         model_cards={llm_config.model_id: to_model_metadata(llm_config.model_id, llm_config)},
+        router_settings=router.model_dump(exclude={"deployment"}),
+        tokenizer_source=llm_config.model_loading_config.model_source,
+        max_model_len=profile.max_model_len,
+        engine_priority=profile.engine_priority,
     )

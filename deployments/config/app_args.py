@@ -9,18 +9,17 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from deployments.config.profiles import Profile
+from deployments.router.settings import RouterSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SERVE_CONFIG_PATH = REPO_ROOT / "serve_config.yaml"
 
 
-class RouterOptions(BaseModel):
-    """Serve options of the router (ingress) deployment."""
-
-    model_config = ConfigDict(extra="forbid")
+class RouterOptions(RouterSettings):
+    """The router's decision settings plus its Serve deployment options."""
 
     deployment: Dict[str, Any] = Field(
-        default_factory=lambda: {"ray_actor_options": {"num_cpus": 0.5}},
+        default_factory=lambda: {"ray_actor_options": {"num_cpus": 0.5}, "max_ongoing_requests": 1000},
         description="@serve.deployment options for the router",
     )
 

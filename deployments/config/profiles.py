@@ -52,7 +52,12 @@ class Profile(BaseModel):
     def max_model_len(self) -> int | None:
         return self.llm_config.get("engine_kwargs", {}).get("max_model_len")
 
-    def to_llm_config(self, server_cls: str | None = None) -> LLMConfig:
+    @property
+    def engine_priority(self) -> bool:
+        """Does the engine order its queue by request priority?"""
+        return self.llm_config.get("engine_kwargs", {}).get("scheduling_policy") == "priority"
+
+    def to_llm_config(self, server_cls: type | str | None = None) -> LLMConfig:
         """Build the LLMConfig to deploy; resolves (and checks) the embedded model."""
         fields = dict(self.llm_config)
         loading = dict(fields["model_loading_config"])
@@ -60,4 +65,6 @@ class Profile(BaseModel):
         fields["model_loading_config"] = loading
         if server_cls is not None:
             fields.setdefault("server_cls", server_cls)
+        if self.max_model_len is None:
+            raise ValueError("engine_kwargs.max_model_len must be set: the router admits against it")
         return LLMConfig.model_validate(fields)

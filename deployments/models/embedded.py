@@ -113,7 +113,7 @@ def prepare(target: Path | None = None, force: bool = False) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
     model = AutoModelForCausalLM.from_pretrained(
-        source.parent, gguf_file=source.name, torch_dtype=torch.bfloat16
+        source.parent, gguf_file=source.name, dtype=torch.bfloat16
     )
     # The weights are dequantised on load; without this the saved config would
     # claim GGUF quantisation that vLLM cannot load from safetensors.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Mapping
 
 from fastapi import FastAPI, Request
@@ -41,3 +42,9 @@ async def _http_exception_to_openai(request: Request, exc: HTTPException) -> JSO
 
 def install_openai_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(HTTPException, _http_exception_to_openai)
+
+
+def sse_error_event(status: int, message: str) -> str:
+    """An error inside an SSE stream whose 200 headers are already sent."""
+    error = {"message": message, "type": ERROR_TYPES.get(status, "server_error"), "param": None, "code": status}
+    return f"data: {json.dumps({'error': error})}\n\n"

@@ -3,21 +3,38 @@
 ``OpenAiIngress`` already speaks the OpenAI protocol (vLLM's request and
 response models, SSE streaming, OpenAI-format errors) and reaches the LLM
 replicas through DeploymentHandles; the router extends it rather than copying
-it. What it adds lives in small pure modules next to this one.
+it. Per request it: validates, counts prompt tokens, classifies, admits,
+checks the circuit, waits for a slot in its priority queues, then forwards
+under the class deadline. The decisions live in the pure modules beside this
+one; this file only wires them to Serve and Starlette.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import time
+from typing import Any, AsyncIterator, Callable
+
 from fastapi import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
-from ray.serve.llm.openai_api_models import ChatCompletionRequest
+from ray.llm._internal.serve.core.configs.openai_api_models import OpenAIHTTPException
 from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS, init
+from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
+from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 
-from deployments.router.errors import install_openai_error_handlers, openai_error
-from deployments.router.validation import check_chat_messages
-
+from deployments.router.admission import admit
+from deployments.router.cancellation import CallTracker, TrackingHandle
+from deployments.router.circuit_breaker import CircuitBreaker
+from deployments.router.classification import PRIORITY_HEADER, classify
+from deployments.router.deadlines import TIMEOUT_HEADER, decide_timeout_s
+from deployments.router.errors import install_openai_error_handlers, openai_error, sse_error_event
+from deployments.router.request_limits import BodySizeLimit
+from deployments.router.scheduler import PriorityScheduler, QueueFull, QueueTimeout
+from deployments.router.settings import PriorityClass, RouterSettings
+from deployments.router.tokens import PromptTokenCounter
+from deployments.router.validation import RequestProblem, check_chat_messages
 
 # Only what a chat model serves; embeddings, audio and scoring are not offered.
 ENDPOINTS = {
@@ -25,30 +42,218 @@ ENDPOINTS = {
 } | {
     "health": lambda app: app.get("/health"),
 }
+SAMPLING_FIELDS = ("temperature", "top_p", "n", "repetition_penalty")
 
 
 class Router(OpenAiIngress):
+    def __init__(
+        self,
+        llm_deployments,
+        model_cards,
+        *,
+        router_settings: dict,
+        tokenizer_source: str,
+        max_model_len: int,
+        engine_priority: bool,
+        **kwargs,
+    ):
+        super().__init__(llm_deployments, model_cards, **kwargs)
+        self._settings = RouterSettings.model_validate(router_settings)
+        self._tokens = PromptTokenCounter(tokenizer_source)
+        self._max_model_len = max_model_len
+        self._engine_priority = engine_priority
+        self._scheduler = PriorityScheduler(self._settings.queues)
+        self._circuit = CircuitBreaker(self._settings.circuit)
+
+    # --- endpoints ---------------------------------------------------------------
+
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         problem = check_chat_messages(body.messages)
         if problem is not None:
-            return openai_error(problem.status, problem.message, param=problem.param)
-        return await super().chat(body, request)
+            return _problem_response(problem, request)
+        return await self._serve(body, request, "chat", lambda: self._tokens.chat(body.messages))
+
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        return await self._serve(body, request, "completions", lambda: self._tokens.completion(body.prompt))
 
     async def health(self) -> JSONResponse:
         """Ready when every model's replicas answer their engine health check."""
-        unhealthy = {}
+        unhealthy, engines = {}, {}
         for model_id, handle in self._default_serve_handles.items():
             try:
                 await handle.check_health.remote()
+                engines[model_id] = await handle.engine_load.remote()  # one replica's view
             except Exception as exc:  # any failure means "not ready", reported, not raised
                 unhealthy[model_id] = f"{type(exc).__name__}: {exc}"[:500]
         if unhealthy:
             return openai_error(503, f"model replicas unhealthy: {unhealthy}")
-        return JSONResponse({"status": "ok", "models": sorted(self._model_cards)})
+        return JSONResponse({
+            "status": "ok",
+            "models": sorted(self._model_cards),
+            "circuit": self._circuit.state.value,
+            "queued": self._scheduler.depths(),
+            "in_flight": self._scheduler.in_flight,
+            "engine_load": engines,
+        })
+
+    def _get_configured_serve_handle(self, model_id: str):
+        return TrackingHandle(super()._get_configured_serve_handle(model_id))
+
+    # --- the pipeline ------------------------------------------------------------
+
+    async def _serve(self, body, request: Request, call_method: str, count_tokens: Callable[[], int]) -> Response:
+        headers = {"x-request-id": request.state.request_id}
+        await self._get_model_id(body.model)  # unknown model: 404 before any work
+        # Tokenising a 1 MB prompt takes a while; keep the event loop free.
+        prompt_tokens = await asyncio.to_thread(count_tokens)
+        decided = self._classify_and_admit(body, request, prompt_tokens)
+        if isinstance(decided, RequestProblem):
+            return _problem_response(decided, request)
+        body, cls, admitted = decided
+        timeout_s = decide_timeout_s(self._settings.timeout_s(cls), request.headers.get(TIMEOUT_HEADER))
+        if isinstance(timeout_s, RequestProblem):
+            return _problem_response(timeout_s, request)
+        headers["x-priority-class"] = cls.label
+        headers["x-prompt-tokens"] = str(prompt_tokens)
+        headers["x-max-tokens-applied"] = str(admitted.max_tokens)
+
+        retry_after = self._circuit.try_pass()
+        if retry_after is not None:
+            return openai_error(503, "model replicas are failing; circuit open", headers=headers | {"retry-after": str(retry_after)})
+        outcome = _Outcome(self._circuit)
+        try:
+            return await self._dispatch(body, request, call_method, cls, timeout_s, headers, outcome)
+        finally:
+            outcome.abandon_if_unsettled()
+
+    def _classify_and_admit(self, body, request: Request, prompt_tokens: int):
+        classification = classify(prompt_tokens, request.headers.get(PRIORITY_HEADER), self._settings.classification)
+        if isinstance(classification, RequestProblem):
+            return classification
+        fields = {name: getattr(body, name, None) for name in SAMPLING_FIELDS}
+        fields["max_tokens"] = getattr(body, "max_completion_tokens", None) or body.max_tokens
+        admitted = admit(fields, prompt_tokens, self._max_model_len, self._settings.admission)
+        if isinstance(admitted, RequestProblem):
+            return admitted
+        updates = dict(admitted.updates)
+        if hasattr(body, "max_completion_tokens"):
+            updates["max_completion_tokens"] = admitted.max_tokens
+        if self._engine_priority:
+            updates["priority"] = int(classification.priority)
+        return body.model_copy(update=updates), classification.priority, admitted
+
+    async def _dispatch(self, body, request, call_method, cls: PriorityClass, timeout_s: float, headers, outcome) -> Response:
+        deadline = time.monotonic() + timeout_s
+        try:
+            waited = await self._scheduler.acquire(cls, timeout_s)
+        except QueueFull as full:
+            retry = {"retry-after": str(self._settings.queues.retry_after_s)}
+            return openai_error(429, f"{full}; retry later", headers=headers | retry)
+        except QueueTimeout as late:
+            return openai_error(504, f"deadline of {timeout_s:.0f}s passed: {late}", headers=headers)
+        headers["x-queue-wait-ms"] = f"{waited * 1000:.0f}"
+        slot = _Slot(self._scheduler)
+        calls = CallTracker()
+        try:
+            async with asyncio.timeout(deadline - time.monotonic()):
+                response = await self._process_llm_request(body, call_method=call_method, raw_request=request)
+        except TimeoutError:
+            calls.cancel_all()  # the replica's request is cancelled; vLLM aborts it
+            slot.release()
+            outcome.settle(ok=False)
+            return openai_error(504, f"deadline of {timeout_s:.0f}s passed while generating", headers=headers)
+        except OpenAIHTTPException as exc:
+            slot.release()
+            outcome.settle(ok=exc.status_code < 500)
+            return openai_error(exc.status_code, exc.message, exc.type, headers=headers)
+        except Exception as exc:
+            slot.release()
+            outcome.settle(ok=False)
+            return openai_error(503, f"model replicas unavailable: {type(exc).__name__}", headers=headers | {"retry-after": "1"})
+        except BaseException:  # client went away (CancelledError): free the slot, settle nothing
+            calls.cancel_all()
+            slot.release()
+            raise
+        finally:
+            calls.detach()
+        if isinstance(response, StreamingResponse):
+            response.body_iterator = _guard_stream(response.body_iterator, deadline, timeout_s, slot, outcome, calls)
+        else:
+            slot.release()
+            outcome.settle(ok=True)
+        response.headers.update(headers)
+        return response
 
 
-def router_ingress_class() -> type:
+class _Slot:
+    """A concurrency-window slot, released exactly once."""
+
+    def __init__(self, scheduler: PriorityScheduler):
+        self._scheduler, self._held = scheduler, True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._scheduler.release()
+
+
+class _Outcome:
+    """Reports one request's result to the circuit breaker exactly once."""
+
+    def __init__(self, circuit: CircuitBreaker):
+        self._circuit, self._settled, self._streaming = circuit, False, False
+
+    def settle(self, ok: bool) -> None:
+        if not self._settled:
+            self._settled = True
+            (self._circuit.record_success if ok else self._circuit.record_failure)()
+
+    def hand_over_to_stream(self) -> None:
+        self._streaming = True
+
+    def abandon_if_unsettled(self) -> None:
+        # A request that never reached a replica (rejected, queued out, client
+        # gone) says nothing about the replicas; only give back a probe turn.
+        if not self._settled and not self._streaming:
+            self._settled = True
+            self._circuit.abandon()
+
+
+async def _guard_stream(
+    chunks: AsyncIterator[str], deadline: float, timeout_s: float, slot: _Slot, outcome: _Outcome, calls: CallTracker
+):
+    """Enforce the deadline between chunks; free the slot however the stream ends."""
+    outcome.hand_over_to_stream()
+    completed = False
+    try:
+        while True:
+            try:
+                chunk = await asyncio.wait_for(anext(chunks), deadline - time.monotonic())
+            except StopAsyncIteration:
+                completed = True
+                outcome.settle(ok=True)
+                return
+            except TimeoutError:
+                outcome.settle(ok=False)
+                yield sse_error_event(504, f"deadline of {timeout_s:.0f}s passed while streaming")
+                yield "data: [DONE]\n\n"
+                return
+            yield chunk
+    finally:
+        slot.release()
+        if not completed:  # deadline or client gone: the replica aborts the request
+            calls.cancel_all()
+        await chunks.aclose()
+
+
+def _problem_response(problem: RequestProblem, request: Request) -> JSONResponse:
+    return openai_error(problem.status, problem.message, param=problem.param,
+                        headers={"x-request-id": request.state.request_id})
+
+
+def router_ingress_class(max_request_bytes: int) -> type:
     """The Router class wired to its FastAPI app, ready for serve.deployment."""
     app = init()  # ray.serve.llm's app: request ids, CORS, HTTP metrics, error middleware
     install_openai_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
     return make_fastapi_ingress(Router, endpoint_map=ENDPOINTS, app=app)

@@ -1,0 +1,133 @@
+"""Bounded per-class queues and a concurrency window toward the replicas.
+
+The router, not an unbounded engine queue, decides the order: at most
+``max_in_flight`` requests run at once; the rest wait here, high before medium
+before low, first-come-first-served within a class. A share of the window is
+kept for high requests, so a flood of low ones can never take every slot.
+Decisions are the pure functions at the top; ``PriorityScheduler`` is the
+asyncio bookkeeping around them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from deployments.router.settings import PriorityClass, QueueSettings
+
+
+class QueueFull(Exception):
+    """Refused at the door: 429."""
+
+    def __init__(self, cls: PriorityClass, reason: str):
+        super().__init__(reason)
+        self.cls = cls
+
+
+class Shed(QueueFull):
+    """Dropped from the queue to make room for a more urgent request: 429."""
+
+
+class QueueTimeout(Exception):
+    """The deadline passed while waiting: 504."""
+
+
+def reserved_slots(settings: QueueSettings) -> int:
+    # Keep at least one slot usable by every class.
+    return min(math.ceil(settings.max_in_flight * settings.reserved_for_high), settings.max_in_flight - 1)
+
+
+def may_start(cls: PriorityClass, in_flight: int, settings: QueueSettings) -> bool:
+    limit = settings.max_in_flight
+    if cls is not PriorityClass.HIGH:
+        limit -= reserved_slots(settings)
+    return in_flight < limit
+
+
+def class_to_shed(queued: dict[PriorityClass, int], arriving: PriorityClass) -> PriorityClass | None:
+    """The least urgent class with waiters that is less urgent than the arrival."""
+    for cls in sorted(PriorityClass, reverse=True):
+        if cls > arriving and queued.get(cls, 0) > 0:
+            return cls
+    return None
+
+
+@dataclass(eq=False)
+class _Waiter:
+    cls: PriorityClass
+    future: asyncio.Future
+    enqueued_at: float = field(default_factory=time.monotonic)
+
+
+class PriorityScheduler:
+    def __init__(self, settings: QueueSettings):
+        self._settings = settings
+        self._queues: dict[PriorityClass, deque[_Waiter]] = {c: deque() for c in PriorityClass}
+        self.in_flight = 0
+
+    def depths(self) -> dict[str, int]:
+        return {c.label: len(q) for c, q in self._queues.items()}
+
+    def _queued_total(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+    async def acquire(self, cls: PriorityClass, timeout_s: float) -> float:
+        """Wait for a slot; returns the seconds waited. Pair with ``release()``."""
+        if not any(self._queues[c] for c in PriorityClass if c <= cls) and may_start(cls, self.in_flight, self._settings):
+            self.in_flight += 1
+            return 0.0
+        waiter = self._enqueue(cls)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter.future), timeout_s)
+        except asyncio.TimeoutError:
+            if not self._withdraw(waiter):
+                self.release()  # granted in the same instant it timed out
+            raise QueueTimeout(f"waited {timeout_s:.1f}s in the {cls.label} queue") from None
+        except asyncio.CancelledError:
+            if not self._withdraw(waiter):
+                self.release()
+            raise
+        return time.monotonic() - waiter.enqueued_at
+
+    def release(self) -> None:
+        self.in_flight -= 1
+        self._dispatch()
+
+    def _enqueue(self, cls: PriorityClass) -> _Waiter:
+        queue = self._queues[cls]
+        if len(queue) >= self._settings.capacity[cls.label]:
+            raise QueueFull(cls, f"the {cls.label} queue is full ({len(queue)} waiting)")
+        if self._queued_total() >= self._settings.max_queued_total:
+            victim_cls = class_to_shed({c: len(q) for c, q in self._queues.items()}, cls)
+            if victim_cls is None:
+                raise QueueFull(cls, f"all queues are full ({self._queued_total()} waiting)")
+            victim = self._queues[victim_cls].pop()  # newest of the least urgent class
+            victim.future.set_exception(Shed(victim_cls, f"shed from the {victim_cls.label} queue under overload"))
+        waiter = _Waiter(cls, asyncio.get_running_loop().create_future())
+        queue.append(waiter)
+        return waiter
+
+    def _withdraw(self, waiter: _Waiter) -> bool:
+        """Remove a waiter that gave up; False if it already held a slot."""
+        queue = self._queues[waiter.cls]
+        if waiter in queue:
+            queue.remove(waiter)
+            return True
+        if waiter.future.done() and waiter.future.exception() is not None:
+            return True  # it was shed: it never held a slot
+        return False
+
+    def _dispatch(self) -> None:
+        for cls in PriorityClass:
+            queue = self._queues[cls]
+            while queue and may_start(cls, self.in_flight, self._settings):
+                waiter = queue.popleft()
+                if waiter.future.done():
+                    continue
+                self.in_flight += 1
+                waiter.future.set_result(None)
+            if queue:
+                return  # strict priority: a waiting class blocks the ones below it

@@ -1,0 +1,170 @@
+"""The router on the running app: classes, admission, queues, deadlines, aborts.
+
+Real HTTP against the session cluster (real Ray, real vLLM CPU engine).
+Nothing here asserts a timing: only order, status codes and engine state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.integration
+
+SHORT = [{"role": "user", "content": "Say hello."}]
+
+
+def chat_body(model_id, messages=SHORT, **extra):
+    return {"model": model_id, "messages": messages, **extra}
+
+
+def long_generation(model_id, **extra):
+    # ignore_eos keeps the engine busy for the whole max_tokens.
+    return chat_body(model_id, max_tokens=1500, ignore_eos=True, temperature=0, **extra)
+
+
+def engine_idle(base_url, model_id, timeout=30.0) -> dict:
+    """Poll the engine's own counters until nothing runs or waits; return them."""
+    deadline = time.monotonic() + timeout
+    load = {}
+    while time.monotonic() < deadline:
+        load = httpx.get(base_url + "/health", timeout=30).json()["engine_load"][model_id]
+        if load["running"] == 0 and load["waiting"] == 0 and load["unfinished"] == 0:
+            return load
+        time.sleep(0.5)
+    raise AssertionError(f"engine still busy after {timeout}s: {load}")
+
+
+def test_response_headers(base_url, model_id):
+    r = httpx.post(base_url + "/v1/chat/completions", json=chat_body(model_id, max_tokens=4), timeout=60)
+    assert r.status_code == 200
+    assert r.headers["x-request-id"]
+    assert r.headers["x-priority-class"] == "high"
+    assert float(r.headers["x-queue-wait-ms"]) >= 0
+    assert r.headers["x-max-tokens-applied"] == "4"
+    assert 0 < int(r.headers["x-prompt-tokens"]) == r.json()["usage"]["prompt_tokens"]
+
+
+def test_class_by_prompt_tokens_and_header(base_url, model_id):
+    medium = [{"role": "user", "content": "word " * 300}]
+    r = httpx.post(base_url + "/v1/chat/completions", json=chat_body(model_id, medium, max_tokens=2), timeout=60)
+    assert r.headers["x-priority-class"] == "medium"
+    lowered = httpx.post(base_url + "/v1/chat/completions", json=chat_body(model_id, medium, max_tokens=2),
+                         headers={"X-Priority": "low"}, timeout=60)
+    assert lowered.headers["x-priority-class"] == "low"
+    raised = httpx.post(base_url + "/v1/chat/completions", json=chat_body(model_id, medium, max_tokens=2),
+                        headers={"X-Priority": "high"}, timeout=60)
+    assert raised.status_code == 400 and raised.json()["error"]["param"] == "x-priority"
+
+
+def test_max_tokens_is_clamped_and_reported(base_url, model_id):
+    body = chat_body(model_id, max_tokens=5000, stream=True)
+    with httpx.stream("POST", base_url + "/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        assert r.headers["x-max-tokens-applied"] == "2048"
+        next(r.iter_lines())  # one chunk is enough; closing aborts the rest
+    engine_idle(base_url, model_id)
+
+
+def test_prompt_plus_max_tokens_beyond_context_names_both(base_url, model_id):
+    prompt = [{"role": "user", "content": "word " * 3000}]
+    r = httpx.post(base_url + "/v1/chat/completions", json=chat_body(model_id, prompt, max_tokens=2000), timeout=60)
+    assert r.status_code == 400
+    message = r.json()["error"]["message"]
+    prompt_tokens = message.split("prompt (")[1].split(" tokens")[0]
+    assert int(prompt_tokens) > 3000 and "2000" in message and "4096" in message
+
+
+@pytest.mark.parametrize("field, value", [("temperature", -1), ("top_p", 1.5), ("top_p", 0), ("n", 9)])
+def test_out_of_range_sampling_is_400(base_url, model_id, field, value):
+    r = httpx.post(base_url + "/v1/chat/completions", json=chat_body(model_id, **{field: value}), timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == field
+
+
+def test_huge_body_is_413(base_url, model_id):
+    body = chat_body(model_id, [{"role": "user", "content": "x" * (5 * 1024 * 1024)}])
+    r = httpx.post(base_url + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["code"] == 413
+
+
+def test_one_megabyte_prompt_is_400_not_a_hang(base_url, model_id):
+    body = chat_body(model_id, [{"role": "user", "content": "Paris 🗼 Париж 巴黎 " * 50_000}])
+    r = httpx.post(base_url + "/v1/chat/completions", json=body, timeout=120)
+    assert r.status_code == 400 and "context" in r.json()["error"]["message"]
+
+
+def test_deadline_gives_504_and_aborts_the_engine_request(base_url, model_id):
+    r = httpx.post(base_url + "/v1/chat/completions", json=long_generation(model_id),
+                   headers={"X-Request-Timeout": "2"}, timeout=60)
+    assert r.status_code == 504, r.text
+    assert r.json()["error"]["type"] == "timeout_error"
+    engine_idle(base_url, model_id)
+
+
+def test_streaming_deadline_ends_the_stream_with_an_error(base_url, model_id):
+    body = long_generation(model_id, stream=True)
+    with httpx.stream("POST", base_url + "/v1/chat/completions", json=body,
+                      headers={"X-Request-Timeout": "3"}, timeout=60) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert '"code": 504' in lines[-2] and lines[-1] == "data: [DONE]"
+    engine_idle(base_url, model_id)
+
+
+def test_client_disconnect_aborts_the_engine_request(base_url, model_id):
+    with httpx.stream("POST", base_url + "/v1/chat/completions", json=long_generation(model_id, stream=True), timeout=60) as r:
+        lines = r.iter_lines()
+        next(lines), next(lines)
+    busy = httpx.get(base_url + "/health", timeout=30).json()["engine_load"][model_id]
+    print("right after disconnect:", busy)
+    engine_idle(base_url, model_id)
+
+
+def test_full_queue_gives_429_with_retry_after(base_url, model_id):
+    # Low may use 6 of the 8 slots and queue 16: 40 at once must overflow.
+    async def flood():
+        async with httpx.AsyncClient(base_url=base_url, timeout=300) as client:
+            body = chat_body(model_id, max_tokens=48, ignore_eos=True)
+            return await asyncio.gather(*[
+                client.post("/v1/chat/completions", json=body, headers={"X-Priority": "low"}) for _ in range(40)
+            ])
+
+    responses = asyncio.run(flood())
+    codes = [r.status_code for r in responses]
+    rejected = [r for r in responses if r.status_code == 429]
+    assert rejected and codes.count(200) + len(rejected) == 40, codes
+    assert all(int(r.headers["retry-after"]) >= 1 for r in rejected)
+    assert rejected[0].json()["error"]["type"] == "rate_limit_error"
+    engine_idle(base_url, model_id)
+
+
+def test_high_request_overtakes_a_flood_of_low_ones(base_url, model_id):
+    async def first_token_at(client, headers, body, start):
+        """Read the whole stream (closing early would abort it); when did data start?"""
+        first = None
+        async with client.stream("POST", "/v1/chat/completions", json=body, headers=headers) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if first is None and line.startswith("data: "):
+                    first = time.monotonic() - start
+        return first
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=base_url, timeout=300) as client:
+            # Long enough that the low ones hold their slots and the rest queue.
+            # Low may hold 6 of the 8 slots: of 16, at least 10 must queue.
+            low_body = chat_body(model_id, max_tokens=120, ignore_eos=True, stream=True)
+            start = time.monotonic()
+            lows = [asyncio.create_task(first_token_at(client, {"X-Priority": "low"}, low_body, start)) for _ in range(16)]
+            await asyncio.sleep(1.0)  # the flood is in before the high request arrives
+            high = await first_token_at(client, {}, chat_body(model_id, max_tokens=8, stream=True), start)
+            return high, await asyncio.gather(*lows)
+
+    high, lows = asyncio.run(scenario())
+    overtaken = sum(1 for t in lows if t > high)
+    print(f"high first token at {high:.2f}s; low ones: {sorted(round(t, 2) for t in lows)}")
+    assert overtaken > len(lows) / 2
+    engine_idle(base_url, model_id)

@@ -1,0 +1,267 @@
+"""Unit tests of the router's pure decisions: classification, admission, queues, circuit."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from deployments.router.admission import admit, decide_max_tokens
+from deployments.router.circuit_breaker import CircuitBreaker, CircuitState
+from deployments.router.classification import Classification, class_by_length, classify
+from deployments.router.scheduler import (
+    PriorityScheduler, QueueFull, QueueTimeout, Shed, class_to_shed, may_start, reserved_slots,
+)
+from deployments.router.settings import (
+    AdmissionSettings, CircuitSettings, ClassificationSettings, PriorityClass as P, QueueSettings,
+)
+from deployments.router.validation import RequestProblem
+
+CLS = ClassificationSettings()
+ADM = AdmissionSettings()
+
+
+# --- classification ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "tokens, expected",
+    [(0, P.HIGH), (127, P.HIGH), (128, P.MEDIUM), (2047, P.MEDIUM), (2048, P.LOW), (300_000, P.LOW)],
+)
+def test_class_by_length_boundaries(tokens, expected):
+    assert class_by_length(tokens, CLS) is expected
+
+
+def test_thresholds_come_from_settings():
+    settings = ClassificationSettings(high_below_tokens=10, medium_below_tokens=20)
+    assert class_by_length(15, settings) is P.MEDIUM
+
+
+def test_thresholds_must_be_ordered():
+    with pytest.raises(ValueError):
+        ClassificationSettings(high_below_tokens=500, medium_below_tokens=100)
+
+
+def test_header_may_lower_the_class():
+    result = classify(10, "low", CLS)
+    assert result == Classification(P.LOW, P.HIGH, overridden=True)
+
+
+def test_header_may_not_raise_the_class_unless_allowed():
+    refused = classify(5000, "high", CLS)
+    assert isinstance(refused, RequestProblem) and refused.status == 400 and "5000 tokens" in refused.message
+    allowed = classify(5000, "High ", ClassificationSettings(allow_priority_upgrade=True))
+    assert allowed.priority is P.HIGH
+
+
+@pytest.mark.parametrize("header", ["urgent", "0", "🔥", "x" * 10_000])
+def test_unknown_header_value(header):
+    problem = classify(10, header, CLS)
+    assert isinstance(problem, RequestProblem) and problem.param == "x-priority"
+    assert len(problem.message) < 200
+
+
+def test_blank_header_is_ignored():
+    assert classify(10, "  ", CLS).priority is P.HIGH
+
+
+# --- admission -----------------------------------------------------------------
+
+
+def test_unset_max_tokens_fits_cap_and_context():
+    assert decide_max_tokens(None, 100, 8192, ADM) == (2048, False)
+    assert decide_max_tokens(None, 2000, 2048, ADM) == (48, False)
+
+
+def test_max_tokens_clamped_by_default():
+    admitted = admit({"max_tokens": 5000}, 100, 32768, ADM)
+    assert admitted.max_tokens == 2048 and admitted.clamped
+
+
+def test_max_tokens_rejected_when_configured():
+    problem = admit({"max_tokens": 5000}, 100, 32768, AdmissionSettings(over_cap="reject"))
+    assert isinstance(problem, RequestProblem) and "2048" in problem.message
+
+
+def test_prompt_plus_max_tokens_beyond_context_names_both_numbers():
+    problem = admit({"max_tokens": 1000}, 1500, 2048, ADM)
+    assert isinstance(problem, RequestProblem)
+    assert "1500" in problem.message and "1000" in problem.message and "2048" in problem.message
+
+
+def test_prompt_alone_beyond_context():
+    problem = admit({}, 300_000, 2048, ADM)  # e.g. a 1 MB prompt
+    assert isinstance(problem, RequestProblem) and "300000" in problem.message
+
+
+def test_sampling_defaults_fill_only_unset_fields():
+    admitted = admit({"temperature": 0.0, "top_p": None}, 10, 2048, ADM)
+    assert "temperature" not in admitted.updates  # 0.0 is a real choice, not "unset"
+    assert admitted.updates["top_p"] == 0.9
+    assert admitted.updates["repetition_penalty"] == 1.1
+
+
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        ({"temperature": -0.1}, "temperature"),
+        ({"temperature": 2.5}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.01}, "top_p"),
+        ({"n": 0}, "n"),
+        ({"n": 5}, "n"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": -3}, "max_tokens"),
+    ],
+)
+def test_out_of_range_values_are_400(fields, param):
+    problem = admit(fields, 10, 2048, ADM)
+    assert isinstance(problem, RequestProblem) and problem.param == param and problem.status == 400
+
+
+def test_edges_at_the_limits_are_accepted():
+    assert not isinstance(admit({"top_p": 1.0, "n": 4, "temperature": 2.0, "max_tokens": 2038}, 10, 2048, ADM), RequestProblem)
+
+
+# --- queues and the concurrency window ------------------------------------------
+
+
+def test_reserved_share_is_kept_for_high():
+    settings = QueueSettings(max_in_flight=8, reserved_for_high=0.25)
+    assert reserved_slots(settings) == 2
+    assert may_start(P.LOW, 5, settings) and not may_start(P.LOW, 6, settings)
+    assert may_start(P.HIGH, 7, settings) and not may_start(P.HIGH, 8, settings)
+
+
+def test_reserve_never_takes_the_whole_window():
+    assert reserved_slots(QueueSettings(max_in_flight=1, reserved_for_high=0.9)) == 0
+
+
+def test_shedding_picks_the_least_urgent_class_below_the_arrival():
+    assert class_to_shed({P.LOW: 3, P.MEDIUM: 1}, P.HIGH) is P.LOW
+    assert class_to_shed({P.LOW: 0, P.MEDIUM: 1}, P.HIGH) is P.MEDIUM
+    assert class_to_shed({P.LOW: 2}, P.LOW) is None
+    assert class_to_shed({P.HIGH: 4}, P.MEDIUM) is None
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_high_overtakes_queued_low_requests():
+    async def scenario():
+        sched = PriorityScheduler(QueueSettings(max_in_flight=1, reserved_for_high=0))
+        await sched.acquire(P.LOW, 1)  # occupies the only slot
+        order = []
+
+        async def worker(cls, tag):
+            await sched.acquire(cls, 5)
+            order.append(tag)
+            sched.release()
+
+        tasks = [asyncio.create_task(worker(P.LOW, f"low{i}")) for i in range(3)]
+        await asyncio.sleep(0)
+        tasks.append(asyncio.create_task(worker(P.HIGH, "high")))
+        await asyncio.sleep(0)
+        sched.release()
+        await asyncio.gather(*tasks)
+        return order
+
+    assert run(scenario()) == ["high", "low0", "low1", "low2"]
+
+
+def test_full_class_queue_is_refused():
+    async def scenario():
+        sched = PriorityScheduler(QueueSettings(max_in_flight=1, capacity={"high": 1, "medium": 1, "low": 1}))
+        await sched.acquire(P.HIGH, 1)
+        waiting = asyncio.create_task(sched.acquire(P.LOW, 5))
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull):
+            await sched.acquire(P.LOW, 5)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert sched.depths()["low"] == 0 and sched.in_flight == 1
+
+    run(scenario())
+
+
+def test_overload_sheds_low_to_admit_high():
+    async def scenario():
+        sched = PriorityScheduler(QueueSettings(max_in_flight=1, max_queued_total=2))
+        await sched.acquire(P.LOW, 1)
+        lows = [asyncio.create_task(sched.acquire(P.LOW, 5)) for _ in range(2)]
+        await asyncio.sleep(0)
+        high = asyncio.create_task(sched.acquire(P.HIGH, 5))
+        await asyncio.sleep(0)
+        with pytest.raises(Shed):
+            await lows[1]  # the newest low request makes room
+        sched.release()
+        assert await high == pytest.approx(0, abs=1)
+        assert sched.depths() == {"high": 0, "medium": 0, "low": 1}
+        lows[0].cancel()
+
+    run(scenario())
+
+
+def test_deadline_while_queued_frees_the_place():
+    async def scenario():
+        sched = PriorityScheduler(QueueSettings(max_in_flight=1))
+        await sched.acquire(P.HIGH, 1)
+        with pytest.raises(QueueTimeout):
+            await sched.acquire(P.MEDIUM, 0.05)
+        assert sched.depths()["medium"] == 0 and sched.in_flight == 1
+
+    run(scenario())
+
+
+# --- circuit breaker -----------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_circuit_opens_after_consecutive_failures_and_probes():
+    clock = Clock()
+    breaker = CircuitBreaker(CircuitSettings(failure_threshold=3, open_s=10), clock)
+    for _ in range(2):
+        breaker.record_failure()
+    breaker.record_success()  # resets the streak
+    for _ in range(3):
+        assert breaker.try_pass() is None
+        breaker.record_failure()
+    assert breaker.state is CircuitState.OPEN
+    clock.now = 4.2
+    assert breaker.try_pass() == 6  # Retry-After: the seconds left, rounded up
+    clock.now = 10.5
+    assert breaker.state is CircuitState.HALF_OPEN
+    assert breaker.try_pass() is None  # the one probe
+    assert breaker.try_pass() is not None  # others wait for it
+    breaker.record_failure()
+    assert breaker.state is CircuitState.OPEN
+    clock.now = 21
+    assert breaker.try_pass() is None
+    breaker.record_success()
+    assert breaker.state is CircuitState.CLOSED and breaker.try_pass() is None
+
+
+# --- deadlines -------------------------------------------------------------------
+
+from deployments.router.deadlines import decide_timeout_s  # noqa: E402
+
+
+def test_client_may_shorten_but_not_extend_the_deadline():
+    assert decide_timeout_s(30, None) == 30
+    assert decide_timeout_s(30, "2.5") == 2.5
+    assert decide_timeout_s(30, "600") == 30
+
+
+@pytest.mark.parametrize("header", ["0", "-1", "soon", "nan", "inf-"])
+def test_bad_timeout_header(header):
+    assert isinstance(decide_timeout_s(30, header), RequestProblem)
