@@ -50,10 +50,28 @@ def port_open(url: str = BASE_URL) -> bool:
         return False
 
 
+def processes(pattern: str) -> list[str]:
+    found = subprocess.run(["pgrep", "-fa", pattern], capture_output=True, text=True)
+    return found.stdout.splitlines()
+
+
 def ray_running() -> bool:
     # Processes, not `ray status`: that fails on a token-auth mismatch too.
-    found = subprocess.run(["pgrep", "-f", "gcs_server|raylet"], capture_output=True, text=True)
-    return bool(found.stdout.strip())
+    return bool(processes("gcs_server|raylet"))
+
+
+def engine_processes() -> list[str]:
+    """vLLM's engine-core and worker processes (they outlive a killed replica)."""
+    return processes("VLLM::")
+
+
+def wait_until(condition, timeout: float = 30.0, every: float = 0.5) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(every)
+    return condition()
 
 
 def wait_healthy(url: str = BASE_URL, timeout: float = READY_TIMEOUT_S, proc: subprocess.Popen | None = None) -> float:
@@ -74,6 +92,7 @@ def wait_healthy(url: str = BASE_URL, timeout: float = READY_TIMEOUT_S, proc: su
 def assert_nothing_running() -> None:
     assert not port_open(), "something already listens on 127.0.0.1:8000; stop it before the tests"
     assert not ray_running(), "a Ray cluster is already running; run `ray stop` before the tests"
+    assert not engine_processes(), f"vLLM engine processes are still running: {engine_processes()}"
 
 
 class DeployedCluster:
@@ -84,7 +103,9 @@ class DeployedCluster:
 
     def start(self) -> float:
         assert_nothing_running()
-        run("ray", "start", "--head", "--disable-usage-stats", timeout=180)
+        # 4 logical CPUs: the live autoscaling test runs two engine replicas
+        # (0.5 + 2 x 1.0 CPU of bundles) on the 2-core machine.
+        run("ray", "start", "--head", "--num-cpus=4", "--disable-usage-stats", timeout=180)
         start = time.monotonic()
         run("serve", "deploy", "serve_config.yaml", timeout=180)
         wait_healthy()

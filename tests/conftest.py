@@ -12,13 +12,15 @@ import pytest
 
 from tests.cluster import BASE_URL, DeployedCluster
 
-FIRST, NORMAL, LAST = 0, 1, 2
+FIRST, NORMAL, DISRUPTIVE, LAST = 0, 1, 2, 3
 
 
 def pytest_collection_modifyitems(config, items):
     def rank(item):
         if item.get_closest_marker("runs_first"):
             return FIRST
+        if item.get_closest_marker("disruptive"):
+            return DISRUPTIVE
         if item.get_closest_marker("runs_last"):
             return LAST
         return NORMAL
@@ -28,6 +30,7 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "runs_first: needs the machine to itself, before the session cluster")
+    config.addinivalue_line("markers", "disruptive: breaks the session app on purpose (after the others)")
     config.addinivalue_line("markers", "runs_last: tears the session cluster down")
 
 

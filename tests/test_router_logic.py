@@ -134,6 +134,27 @@ def test_reserved_share_is_kept_for_high():
     assert may_start(P.HIGH, 7, settings) and not may_start(P.HIGH, 8, settings)
 
 
+def test_class_caps_inside_the_window():
+    settings = QueueSettings(max_in_flight=8, max_in_flight_per_class={"high": 8, "medium": 4, "low": 2})
+    assert may_start(P.LOW, 1, settings, class_in_flight=1)
+    assert not may_start(P.LOW, 2, settings, class_in_flight=2)
+    assert may_start(P.MEDIUM, 2, settings, class_in_flight=0)
+
+
+def test_capped_class_does_not_block_the_ones_below():
+    async def scenario():
+        sched = PriorityScheduler(QueueSettings(max_in_flight=8, max_in_flight_per_class={"high": 1, "medium": 4, "low": 4}))
+        await sched.acquire(P.HIGH, 1)
+        queued_high = asyncio.create_task(sched.acquire(P.HIGH, 5))
+        await asyncio.sleep(0)
+        assert await sched.acquire(P.LOW, 1) == 0.0  # high is capped, the window is not full
+        sched.release(P.HIGH)
+        await queued_high
+        assert sched.in_flight == 2
+
+    run(scenario())
+
+
 def test_reserve_never_takes_the_whole_window():
     assert reserved_slots(QueueSettings(max_in_flight=1, reserved_for_high=0.9)) == 0
 
@@ -158,13 +179,13 @@ def test_high_overtakes_queued_low_requests():
         async def worker(cls, tag):
             await sched.acquire(cls, 5)
             order.append(tag)
-            sched.release()
+            sched.release(cls)
 
         tasks = [asyncio.create_task(worker(P.LOW, f"low{i}")) for i in range(3)]
         await asyncio.sleep(0)
         tasks.append(asyncio.create_task(worker(P.HIGH, "high")))
         await asyncio.sleep(0)
-        sched.release()
+        sched.release(P.LOW)
         await asyncio.gather(*tasks)
         return order
 
@@ -197,7 +218,7 @@ def test_overload_sheds_low_to_admit_high():
         await asyncio.sleep(0)
         with pytest.raises(Shed):
             await lows[1]  # the newest low request makes room
-        sched.release()
+        sched.release(P.LOW)
         assert await high == pytest.approx(0, abs=1)
         assert sched.depths() == {"high": 0, "medium": 0, "low": 1}
         lows[0].cancel()

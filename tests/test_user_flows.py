@@ -9,7 +9,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from tests.cluster import BASE_URL, ServeRunProcess, port_open, ray_running
+from tests.cluster import BASE_URL, ServeRunProcess, engine_processes, port_open, ray_running, wait_until
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -32,6 +32,7 @@ def test_serve_run_answers_then_shuts_down(model_id):
     assert exit_code == 0, serve_run.log_path.read_text()[-3000:]
     assert not port_open(), "port 8000 still open after serve run exited"
     assert not ray_running(), "serve run left its Ray instance behind"
+    assert wait_until(lambda: not engine_processes()), f"vLLM processes left: {engine_processes()}"
 
 
 def test_serve_deploy_answers(deployed_cluster, model_id):
@@ -46,3 +47,4 @@ def test_serve_deploy_shuts_down_cleanly(deployed_cluster):
     assert stop.returncode == 0, stop.stderr[-2000:]
     assert not port_open(), "port 8000 still open after serve shutdown"
     assert not ray_running(), "Ray still running after ray stop"
+    assert wait_until(lambda: not engine_processes()), f"vLLM processes left: {engine_processes()}"

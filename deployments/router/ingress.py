@@ -24,6 +24,7 @@ from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS, init
 from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 
+from deployments.autoscaling.signals import ROUTER_QUEUED
 from deployments.router.admission import admit
 from deployments.router.cancellation import CallTracker, TrackingHandle
 from deployments.router.circuit_breaker import CircuitBreaker
@@ -99,6 +100,11 @@ class Router(OpenAiIngress):
     def _get_configured_serve_handle(self, model_id: str):
         return TrackingHandle(super()._get_configured_serve_handle(model_id))
 
+    async def record_autoscaling_stats(self) -> dict:
+        """The router's class queues, for the application's autoscaling policy."""
+        depths = self._scheduler.depths()
+        return {ROUTER_QUEUED: float(sum(depths.values())), **{f"router_queued_{c}": float(n) for c, n in depths.items()}}
+
     # --- the pipeline ------------------------------------------------------------
 
     async def _serve(self, body, request: Request, call_method: str, count_tokens: Callable[[], int]) -> Response:
@@ -152,7 +158,7 @@ class Router(OpenAiIngress):
         except QueueTimeout as late:
             return openai_error(504, f"deadline of {timeout_s:.0f}s passed: {late}", headers=headers)
         headers["x-queue-wait-ms"] = f"{waited * 1000:.0f}"
-        slot = _Slot(self._scheduler)
+        slot = _Slot(self._scheduler, cls)
         calls = CallTracker()
         try:
             async with asyncio.timeout(deadline - time.monotonic()):
@@ -188,13 +194,13 @@ class Router(OpenAiIngress):
 class _Slot:
     """A concurrency-window slot, released exactly once."""
 
-    def __init__(self, scheduler: PriorityScheduler):
-        self._scheduler, self._held = scheduler, True
+    def __init__(self, scheduler: PriorityScheduler, cls: PriorityClass):
+        self._scheduler, self._cls, self._held = scheduler, cls, True
 
     def release(self) -> None:
         if self._held:
             self._held = False
-            self._scheduler.release()
+            self._scheduler.release(self._cls)
 
 
 class _Outcome:

@@ -40,11 +40,12 @@ def reserved_slots(settings: QueueSettings) -> int:
     return min(math.ceil(settings.max_in_flight * settings.reserved_for_high), settings.max_in_flight - 1)
 
 
-def may_start(cls: PriorityClass, in_flight: int, settings: QueueSettings) -> bool:
+def may_start(cls: PriorityClass, in_flight: int, settings: QueueSettings, class_in_flight: int = 0) -> bool:
+    """Within the window (less the high reserve for other classes) and the class's own cap."""
     limit = settings.max_in_flight
     if cls is not PriorityClass.HIGH:
         limit -= reserved_slots(settings)
-    return in_flight < limit
+    return in_flight < limit and class_in_flight < settings.max_in_flight_per_class.get(cls.label, limit)
 
 
 def class_to_shed(queued: dict[PriorityClass, int], arriving: PriorityClass) -> PriorityClass | None:
@@ -66,7 +67,17 @@ class PriorityScheduler:
     def __init__(self, settings: QueueSettings):
         self._settings = settings
         self._queues: dict[PriorityClass, deque[_Waiter]] = {c: deque() for c in PriorityClass}
-        self.in_flight = 0
+        self._running: dict[PriorityClass, int] = {c: 0 for c in PriorityClass}
+
+    @property
+    def in_flight(self) -> int:
+        return sum(self._running.values())
+
+    def _may_start(self, cls: PriorityClass) -> bool:
+        return may_start(cls, self.in_flight, self._settings, self._running[cls])
+
+    def _start(self, cls: PriorityClass) -> None:
+        self._running[cls] += 1
 
     def depths(self) -> dict[str, int]:
         return {c.label: len(q) for c, q in self._queues.items()}
@@ -76,24 +87,26 @@ class PriorityScheduler:
 
     async def acquire(self, cls: PriorityClass, timeout_s: float) -> float:
         """Wait for a slot; returns the seconds waited. Pair with ``release()``."""
-        if not any(self._queues[c] for c in PriorityClass if c <= cls) and may_start(cls, self.in_flight, self._settings):
-            self.in_flight += 1
+        # Waiters of a more urgent class exist only when they cannot start: the
+        # window is full (then neither can this one) or their cap holds them.
+        if not self._queues[cls] and self._may_start(cls):
+            self._start(cls)
             return 0.0
         waiter = self._enqueue(cls)
         try:
             await asyncio.wait_for(asyncio.shield(waiter.future), timeout_s)
         except asyncio.TimeoutError:
             if not self._withdraw(waiter):
-                self.release()  # granted in the same instant it timed out
+                self.release(cls)  # granted in the same instant it timed out
             raise QueueTimeout(f"waited {timeout_s:.1f}s in the {cls.label} queue") from None
         except asyncio.CancelledError:
             if not self._withdraw(waiter):
-                self.release()
+                self.release(cls)
             raise
         return time.monotonic() - waiter.enqueued_at
 
-    def release(self) -> None:
-        self.in_flight -= 1
+    def release(self, cls: PriorityClass) -> None:
+        self._running[cls] -= 1
         self._dispatch()
 
     def _enqueue(self, cls: PriorityClass) -> _Waiter:
@@ -123,11 +136,12 @@ class PriorityScheduler:
     def _dispatch(self) -> None:
         for cls in PriorityClass:
             queue = self._queues[cls]
-            while queue and may_start(cls, self.in_flight, self._settings):
+            while queue and self._may_start(cls):
                 waiter = queue.popleft()
                 if waiter.future.done():
                     continue
-                self.in_flight += 1
+                self._start(cls)
                 waiter.future.set_result(None)
-            if queue:
-                return  # strict priority: a waiting class blocks the ones below it
+            if queue and self.in_flight >= self._settings.max_in_flight:
+                return  # window full: nothing below may start either
+            # A class held back only by its own cap does not block the classes below.

@@ -68,6 +68,10 @@ class QueueSettings(_Strict):
     max_queued_total: int = Field(96, gt=0, description="beyond this, lower classes are shed first")
     max_in_flight: int = Field(8, gt=0, description="concurrency window toward the replicas, per router replica")
     reserved_for_high: float = Field(0.25, ge=0, lt=1, description="share of the window only high may use")
+    max_in_flight_per_class: Dict[str, int] = Field(
+        default_factory=lambda: {"high": 8, "medium": 4, "low": 2},
+        description="cap per class inside the window: long prompts steal every engine step's compute",
+    )
     timeouts_s: Dict[str, float] = _per_class(30.0, 30.0, 30.0)
     retry_after_s: int = Field(2, ge=1, description="Retry-After on a full queue")
 

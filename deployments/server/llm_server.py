@@ -2,12 +2,52 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 from ray.serve.llm.deployment import LLMServer
 
+from deployments.autoscaling.gpu import device_uuids, sample_utilization
 from deployments.server.engine_load import current_load
+
+logger = logging.getLogger("ray.serve")
+
+
+def _worker_gpu_uuid(worker) -> str | None:
+    """Runs inside each vLLM worker: the NVML UUID of the GPU it computes on."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return f"GPU-{torch.cuda.get_device_properties(torch.cuda.current_device()).uuid}"
 
 
 class ObservedLLMServer(LLMServer):
+    _gpu_group: list[str] | None = None
+
+    async def record_autoscaling_stats(self) -> dict:
+        """Serve's custom autoscaling metrics for this replica (see deployments/autoscaling)."""
+        load = current_load()
+        stats = {"engine_waiting": load.waiting, "engine_running": load.running, "kv_cache_usage": load.kv_cache_usage}
+        group = await self._gpu_uuids()
+        if group:
+            utilization = await asyncio.to_thread(sample_utilization, group, 3, 0.1)
+            if utilization is not None:
+                stats["gpu_utilization"] = utilization
+        return stats
+
+    async def _gpu_uuids(self) -> list[str]:
+        """This replica's GPU group, asked once of its vLLM workers; empty without GPUs."""
+        if self._gpu_group is None:
+            self._gpu_group = []
+            if device_uuids():  # NVML sees GPUs on this host
+                try:
+                    uuids = await self.engine._engine_client.collective_rpc(_worker_gpu_uuid)
+                    self._gpu_group = [u for u in uuids if u]
+                except Exception:
+                    logger.warning("could not learn this replica's GPU group; no GPU signal", exc_info=True)
+        return self._gpu_group
+
     async def engine_load(self) -> dict:
         """vLLM's running / waiting requests and KV-cache usage on this replica."""
         load = current_load().as_dict()

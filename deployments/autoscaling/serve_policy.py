@@ -1,0 +1,98 @@
+"""Ray Serve adapter: the decision core as an application-level autoscaling policy.
+
+Configured in serve_config.yaml::
+
+    autoscaling_policy:
+      policy_function: deployments.autoscaling.serve_policy:QueueGpuPolicy
+      policy_kwargs: {target_queue_per_replica: 4, ...}   # AutoscalingConfig
+
+Application level, because the decision needs two deployments' signals: the
+router's class queues and the LLM replicas' engine and GPU figures (both
+reported through ``record_autoscaling_stats``). The LLM deployment's
+``autoscaling_config`` min/max bound it; every other deployment keeps its
+target. Each decision's reason is logged when it changes and exported as a
+metric.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, Tuple
+
+from deployments.autoscaling.decision import AutoscalingConfig, FleetSignals, HysteresisState, decide
+from deployments.autoscaling.gpu import mean
+from deployments.autoscaling.signals import LLM_METRICS, ROUTER_QUEUED
+
+logger = logging.getLogger("ray.serve")
+
+
+def _summed(ctx, name: str) -> float:
+    return float(sum((ctx.aggregated_metrics or {}).get(name, {}).values()))
+
+
+def _mean(ctx, name: str):
+    return mean((ctx.aggregated_metrics or {}).get(name, {}).values())
+
+
+def signals_from(llm_ctx, router_queued: float) -> FleetSignals:
+    return FleetSignals(
+        # Replicas asked for, starting ones included: capacity already on its way.
+        replicas=llm_ctx.target_num_replicas,
+        starting=max(0, llm_ctx.target_num_replicas - llm_ctx.current_num_replicas),
+        engine_waiting=_summed(llm_ctx, "engine_waiting"),
+        engine_running=_summed(llm_ctx, "engine_running"),
+        router_queued=router_queued,
+        kv_cache_usage=_mean(llm_ctx, "kv_cache_usage"),
+        gpu_utilization=_mean(llm_ctx, "gpu_utilization"),
+    )
+
+
+class QueueGpuPolicy:
+    def __init__(self, **policy_kwargs: Any):
+        self._config = AutoscalingConfig.model_validate(policy_kwargs)
+        self._last_reason: Dict[str, tuple] = {}
+        self._gauge = None
+
+    def __call__(self, contexts: Dict[Any, Any]) -> Tuple[Dict[Any, int], Dict[Any, dict]]:
+        is_llm = {dep: _is_llm(ctx) for dep, ctx in contexts.items()}
+        router_queued = sum(_summed(ctx, ROUTER_QUEUED) for dep, ctx in contexts.items() if not is_llm[dep])
+        decisions, states = {}, {}
+        for dep, ctx in contexts.items():
+            if not is_llm[dep]:
+                decisions[dep], states[dep] = ctx.target_num_replicas, {}
+                continue
+            config = self._config.model_copy(update={
+                "min_replicas": ctx.capacity_adjusted_min_replicas,
+                "max_replicas": ctx.capacity_adjusted_max_replicas,
+                "scale_to_zero": ctx.capacity_adjusted_min_replicas == 0,
+            })
+            decision, state = decide(signals_from(ctx, router_queued), HysteresisState.from_dict(ctx.policy_state),
+                                     ctx.current_time, config)
+            self._report(dep.name, decision)
+            decisions[dep], states[dep] = decision.target, state.as_dict()
+        return decisions, states
+
+    def _report(self, deployment: str, decision) -> None:
+        # Log steps, and holds only when their kind changes (the numbers in a
+        # reason move every tick; the controller calls the policy ~10x a second).
+        kind = (decision.signal, decision.current, decision.target, "pending" in decision.reason or "if it lasts" in decision.reason)
+        if decision.direction != "hold" or self._last_reason.get(deployment) != kind:
+            logger.info("autoscaling %s: %d -> %d (%s): %s", deployment, decision.current, decision.target,
+                        decision.signal, decision.reason)
+        self._last_reason[deployment] = kind
+        self._export(deployment, decision)
+
+    def _export(self, deployment: str, decision) -> None:
+        try:
+            from ray.util.metrics import Gauge
+
+            if self._gauge is None:
+                self._gauge = Gauge("llm_autoscaling_target_replicas", "Target replicas from the policy, by signal",
+                                    tag_keys=("deployment", "signal"))
+            self._gauge.set(decision.target, tags={"deployment": deployment, "signal": decision.signal})
+        except Exception:  # metrics are best effort; a decision must never fail on them
+            logger.debug("could not export autoscaling metric", exc_info=True)
+
+
+def _is_llm(ctx) -> bool:
+    return any(name in (ctx.aggregated_metrics or {}) for name in LLM_METRICS) or "LLMServer:" in ctx.deployment_name

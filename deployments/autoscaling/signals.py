@@ -1,0 +1,4 @@
+"""Names of the autoscaling signals the deployments report (record_autoscaling_stats)."""
+
+LLM_METRICS = ("engine_waiting", "engine_running", "kv_cache_usage", "gpu_utilization")
+ROUTER_QUEUED = "router_queued"

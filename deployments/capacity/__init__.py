@@ -1,0 +1,1 @@
+"""Capacity planning: what fits on a GPU group, before anything is deployed."""

@@ -1,0 +1,1 @@
+"""Trace-replay simulator for the autoscaling policy (same decision core as production)."""

@@ -1,0 +1,104 @@
+"""Live autoscaling on the CPU: min 1, max 2 replicas of the embedded model.
+
+Redeploys the session app with a faster policy (same code, shorter delays),
+puts sustained load on it until Serve's own status shows a second RUNNING
+replica, then lets it idle until the policy takes it away again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import threading
+import time
+
+import httpx
+import pytest
+import yaml
+
+from deployments.config.app_args import load_serve_config
+from tests.cluster import REPO_ROOT, run, wait_healthy
+
+pytestmark = [pytest.mark.integration, pytest.mark.disruptive]
+
+FAST_POLICY = {"upscale_delay_s": 5, "downscale_delay_s": 20, "target_queue_per_replica": 1}
+
+
+def scaling_config(tmp_path) -> str:
+    config = copy.deepcopy(load_serve_config())
+    app = config["applications"][0]
+    app["autoscaling_policy"]["policy_kwargs"].update(FAST_POLICY)
+    llm = app["args"]["profiles"][app["args"]["profile"]]["llm_config"]
+    llm["deployment_config"]["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 2, "look_back_period_s": 10}
+    path = tmp_path / "serve_scaling.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def app_status() -> dict:
+    return yaml.safe_load(run("serve", "status", timeout=60).stdout)["applications"]["llm"]
+
+
+def running_replicas() -> int:
+    """RUNNING replicas of the LLM deployment per Serve; 0 while it is not listed."""
+    deployments = app_status().get("deployments") or {}
+    llm = [d for name, d in deployments.items() if "LLMServer" in name]
+    return llm[0]["replica_states"].get("RUNNING", 0) if llm else 0
+
+
+def redeploy(config_path: str) -> None:
+    run("serve", "deploy", config_path, timeout=180)
+    time.sleep(5)  # let the controller pick the new config up before polling
+    wait_for(lambda: app_status()["status"] == "RUNNING" and running_replicas() >= 1, 600, "the app RUNNING")
+
+
+def wait_for(condition, timeout_s: float, what: str) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        if condition():
+            return time.monotonic() - start
+        time.sleep(3)
+    raise AssertionError(f"{what} not seen within {timeout_s}s")
+
+
+class Load:
+    """Sustained streaming load from a background thread until stopped."""
+
+    def __init__(self, base_url: str, model_id: str, concurrency: int = 24):
+        self.stop = threading.Event()
+        self.completed = 0
+        body = {"model": model_id, "messages": [{"role": "user", "content": "Tell a long story."}],
+                "max_tokens": 200, "ignore_eos": True}
+
+        async def worker(client):
+            while not self.stop.is_set():
+                r = await client.post("/v1/chat/completions", json=body, headers={"X-Priority": "low"})
+                self.completed += r.status_code == 200
+                if r.status_code != 200:
+                    await asyncio.sleep(0.5)
+
+        async def main():
+            async with httpx.AsyncClient(base_url=base_url, timeout=120) as client:
+                await asyncio.gather(*[worker(client) for _ in range(concurrency)])
+
+        self.thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(timeout=180)
+
+
+def test_load_brings_a_second_replica_and_idleness_takes_it_away(base_url, model_id, tmp_path):
+    redeploy(scaling_config(tmp_path))
+    assert running_replicas() == 1
+    with Load(base_url, model_id) as load:
+        up_s = wait_for(lambda: running_replicas() == 2, 420, "a second RUNNING replica")
+        print(f"second replica RUNNING {up_s:.0f}s into the load; {load.completed} requests done")
+    down_s = wait_for(lambda: running_replicas() == 1, 300, "scale back to one replica")
+    print(f"back to one replica {down_s:.0f}s after the load stopped")
+    redeploy(str(REPO_ROOT / "serve_config.yaml"))  # leave the app as found
+    wait_healthy(base_url)
