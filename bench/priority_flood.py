@@ -223,7 +223,12 @@ def main() -> None:
     parser.add_argument("--client-timeout", type=float, default=180.0)
     parser.add_argument("--targets", default="ours,stock")
     parser.add_argument("--out", type=Path, default=Path("docs/bench"))
+    parser.add_argument("--replot", type=Path, help="only redraw the plot from a run's priority_flood.json")
     args = parser.parse_args()
+    if args.replot:
+        args.out.mkdir(parents=True, exist_ok=True)
+        replot(args.replot, args.out / "priority_flood.png")
+        return
 
     import ray
     from ray import serve

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from deployments.autoscaling.decision import AutoscalingConfig, FleetSignals
+from deployments.autoscaling.decision import AutoscalingConfig, FleetSignals, mean_of_reported
 from deployments.config.app_args import load_serve_config
 from sim.fleet import CLASSES, Fleet, ReplicaModel, Request
 from sim.policies import OursPolicy, Policy, RayDefaultPolicy, StaticPolicy
@@ -81,15 +81,10 @@ class LookBack:
 
     def add(self, now: FleetSignals) -> FleetSignals:
         self.samples.append(now)
-        avg = lambda name: _mean_or_none([getattr(s, name) for s in self.samples])
+        avg = lambda name: mean_of_reported([getattr(s, name) for s in self.samples])
         return FleetSignals(replicas=now.replicas, starting=now.starting,
                             engine_running=avg("engine_running"), router_queued=avg("router_queued"),
                             kv_cache_usage=avg("kv_cache_usage"), gpu_utilization=avg("gpu_utilization"))
-
-
-def _mean_or_none(values):
-    present = [v for v in values if v is not None]
-    return sum(present) / len(present) if present else None
 
 
 def read_signals(fleet: Fleet, now: float, interval_s: float) -> FleetSignals:

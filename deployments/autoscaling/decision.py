@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Iterable, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -104,6 +104,12 @@ class ScalingDecision:
     @property
     def direction(self) -> str:
         return "up" if self.target > self.current else "down" if self.target < self.current else "hold"
+
+
+def mean_of_reported(values: Iterable[Optional[float]]) -> Optional[float]:
+    """Mean over the replicas that report a value; None when none does."""
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
 
 
 def _fmt(value: Optional[float]) -> str:

@@ -9,7 +9,7 @@ per device) in which a kernel ran; averaging a few samples smooths it.
 from __future__ import annotations
 
 import time
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 try:
     import pynvml
@@ -61,9 +61,3 @@ def sample_utilization(uuids: Sequence[str], samples: int = 5, interval_s: float
         if i + 1 < samples:
             time.sleep(interval_s)
     return sum(readings) / len(readings)
-
-
-def mean(values: Iterable[Optional[float]]) -> Optional[float]:
-    """Mean over replicas that report; None when none does."""
-    present = [v for v in values if v is not None]
-    return sum(present) / len(present) if present else None

@@ -19,8 +19,9 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict, Tuple
 
-from deployments.autoscaling.decision import AutoscalingConfig, FleetSignals, HysteresisState, decide
-from deployments.autoscaling.gpu import mean
+from deployments.autoscaling.decision import (
+    AutoscalingConfig, FleetSignals, HysteresisState, decide, mean_of_reported,
+)
 from deployments.autoscaling.signals import LLM_METRICS, ROUTER_QUEUED
 
 logger = logging.getLogger("ray.serve")
@@ -31,7 +32,7 @@ def _summed(ctx, name: str) -> float:
 
 
 def _mean(ctx, name: str):
-    return mean((ctx.aggregated_metrics or {}).get(name, {}).values())
+    return mean_of_reported((ctx.aggregated_metrics or {}).get(name, {}).values())
 
 
 def signals_from(llm_ctx, router_queued: float) -> FleetSignals:
