@@ -1,7 +1,8 @@
 """The Serve application builder: ``import_path: deployments.app:build_app``.
 
-Reads the ``args`` of serve_config.yaml, builds the selected profile's LLM
-deployment with ray.serve.llm, and puts the router in front of it.
+Reads the ``args`` of serve_config.yaml, builds one LLM deployment per pool of
+the selected profile or layout with ray.serve.llm, and puts the router in
+front of them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from ray.serve.llm import build_llm_deployment
 from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
 
 from deployments.config.app_args import AppArgs
+from deployments.config.names import deployment_name_prefix
 from deployments.router.ingress import router_ingress_class
 from deployments.server.llm_server import ObservedLLMServer
 
@@ -33,16 +35,24 @@ def without_serve_delays(deployment_options: Dict[str, Any]) -> Dict[str, Any]:
 
 def build_app(args: Dict[str, Any]) -> Application:
     app_args = AppArgs.model_validate(args)
-    profile = app_args.selected
-    llm_config = profile.to_llm_config(server_cls=ObservedLLMServer)
-    llm_config.deployment_config = without_serve_delays(llm_config.deployment_config)
+    pool_apps, pool_routes = {}, []
+    for pool in app_args.pools:
+        llm_config = pool.as_profile().to_llm_config(server_cls=ObservedLLMServer)
+        llm_config.deployment_config = without_serve_delays(llm_config.deployment_config)
+        pool_apps[pool.name] = build_llm_deployment(llm_config, name_prefix=deployment_name_prefix(pool.name))
+        pool_routes.append({"name": pool.name, "classes": pool.classes, "max_model_len": pool.profile.max_model_len,
+                            "engine_priority": pool.profile.engine_priority,
+                            "queues": app_args.queue_settings(pool.profile).model_dump()})
+    primary = app_args.pools[0]
+    model_id = primary.profile.model_id
     router = app_args.router
     router_cls = router_ingress_class(router.admission.max_request_bytes)
     return serve.deployment(router_cls, name="Router", **without_serve_delays(router.deployment)).bind(
-        llm_deployments={llm_config.model_id: build_llm_deployment(llm_config)},
-        model_cards={llm_config.model_id: to_model_metadata(llm_config.model_id, llm_config)},
+        # OpenAiIngress keys replicas by model; the router picks among the pools itself.
+        llm_deployments={model_id: pool_apps[primary.name]},
+        model_cards={model_id: to_model_metadata(model_id, primary.profile.to_llm_config())},
+        pool_deployments=pool_apps,
+        pool_routes=pool_routes,
         router_settings=router.model_dump(exclude={"deployment"}),
-        tokenizer_source=llm_config.model_loading_config.model_source,
-        max_model_len=profile.max_model_len,
-        engine_priority=profile.engine_priority,
+        tokenizer_source=primary.profile.to_llm_config().model_loading_config.model_source,
     )

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import httpx
+import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -148,3 +149,34 @@ class ServeRunProcess:
             if self.proc.poll() is None:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self._log.close()
+
+
+# --- redeploying the session app -------------------------------------------------
+
+
+def app_status() -> dict:
+    return yaml.safe_load(run("serve", "status", timeout=60).stdout)["applications"]["llm"]
+
+
+def running_replicas(pool: str = "main") -> int:
+    """RUNNING replicas of one pool's LLM deployment per Serve; 0 while it is not listed."""
+    deployments = app_status().get("deployments") or {}
+    llm = [d for name, d in deployments.items() if name.startswith(f"ObservedLLMServer:{pool}:")]
+    return llm[0]["replica_states"].get("RUNNING", 0) if llm else 0
+
+
+def redeploy(config_path: str, pools: tuple[str, ...] = ("main",)) -> None:
+    """`serve deploy` a config to the session cluster; wait until every pool has a RUNNING replica."""
+    run("serve", "deploy", config_path, timeout=180)
+    time.sleep(5)  # let the controller pick the new config up before polling
+    wait_for(lambda: app_status()["status"] == "RUNNING" and all(running_replicas(p) >= 1 for p in pools),
+             600, "the app RUNNING")
+
+
+def wait_for(condition, timeout_s: float, what: str) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        if condition():
+            return time.monotonic() - start
+        time.sleep(3)
+    raise AssertionError(f"{what} not seen within {timeout_s}s")

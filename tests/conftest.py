@@ -2,7 +2,8 @@
 
 Order matters on a 2-core machine: the `serve run` flow (which starts its own
 Ray) runs first and alone; then the `serve deploy` cluster comes up once and
-serves every integration test; the test that shuts it down runs last.
+serves every integration test; tests that redeploy it with their own config
+come after those, and the test that shuts it down runs last.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import pytest
 
 from tests.cluster import BASE_URL, DeployedCluster
 
-FIRST, NORMAL, DISRUPTIVE, LAST = 0, 1, 2, 3
+FIRST, NORMAL, DISRUPTIVE, CHANGES_APP, LAST = 0, 1, 2, 3, 4
 
 
 def pytest_collection_modifyitems(config, items):
@@ -21,6 +22,8 @@ def pytest_collection_modifyitems(config, items):
             return FIRST
         if item.get_closest_marker("disruptive"):
             return DISRUPTIVE
+        if item.get_closest_marker("changes_app"):
+            return CHANGES_APP
         if item.get_closest_marker("runs_last"):
             return LAST
         return NORMAL
@@ -31,6 +34,8 @@ def pytest_collection_modifyitems(config, items):
 def pytest_configure(config):
     config.addinivalue_line("markers", "runs_first: needs the machine to itself, before the session cluster")
     config.addinivalue_line("markers", "disruptive: breaks the session app on purpose (after the others)")
+    config.addinivalue_line("markers", "changes_app: redeploys the session app with its own config and "
+                                       "leaves it so (after the disruptive ones; saves a restore each)")
     config.addinivalue_line("markers", "runs_last: tears the session cluster down")
 
 
@@ -51,7 +56,7 @@ def base_url(deployed_cluster) -> str:
 def model_id() -> str:
     from deployments.config.app_args import app_args_from_serve_config
 
-    return app_args_from_serve_config().selected.model_id
+    return app_args_from_serve_config().primary.model_id
 
 
 @pytest.fixture(scope="session")

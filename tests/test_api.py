@@ -66,8 +66,9 @@ def test_health(base_url, model_id):
     assert response.status_code == 200
     health = response.json()
     assert health["status"] == "ok" and health["models"] == [model_id]
-    assert health["circuit"] == "closed"
-    assert set(health["engine_load"][model_id]) >= {"running", "waiting", "kv_cache_usage"}
+    main = health["pools"]["main"]  # serve_config.yaml serves one profile: one pool
+    assert main["circuit"] == "closed" and main["classes"] == ["high", "low", "medium"]
+    assert set(main["engine_load"]) >= {"running", "waiting", "kv_cache_usage"}
 
 
 # --- bad input: OpenAI-format errors, never a 500, never a dead replica ----------

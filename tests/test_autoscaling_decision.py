@@ -111,3 +111,12 @@ def test_no_scale_down_while_replicas_start():
     want, reason, signal = wanted_replicas(idle_but_starting, CFG)
     assert want == 3 and "start" in reason
     assert wanted_replicas(FleetSignals(replicas=3, starting=1, engine_waiting=40), CFG)[0] == 10  # up still allowed
+
+
+def test_a_step_waiting_out_its_delay_says_so():
+    config = AutoscalingConfig(min_replicas=1, max_replicas=4, upscale_delay_s=10, target_queue_per_replica=1)
+    busy = FleetSignals(replicas=1, router_queued=8)
+    decision, state = decide(busy, HysteresisState(), 0.0, config)
+    assert (decision.target, decision.pending) == (1, "up")
+    decision, _ = decide(busy, state, 11.0, config)
+    assert decision.target > 1 and decision.pending is None

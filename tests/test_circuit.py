@@ -50,4 +50,4 @@ def test_engine_death_opens_the_circuit_and_recovery_closes_it(base_url, model_i
     while (response := ask(base_url, model_id, "30")).status_code != 200 and time.monotonic() < deadline:
         time.sleep(1)
     assert response.status_code == 200, response.text
-    assert httpx.get(base_url + "/health", timeout=60).json()["circuit"] == "closed"
+    assert httpx.get(base_url + "/health", timeout=60).json()["pools"]["main"]["circuit"] == "closed"

@@ -21,13 +21,13 @@ def args() -> dict:
 def test_default_profile_is_the_embedded_cpu_model(args):
     app_args = AppArgs.model_validate(args)
     assert app_args.profile == "embedded-cpu"
-    assert app_args.selected.uses_embedded_model
-    assert app_args.selected.llm_config["accelerator_config"] == {"kind": "cpu"}
+    assert app_args.primary.uses_embedded_model
+    assert app_args.primary.llm_config["accelerator_config"] == {"kind": "cpu"}
 
 
 def test_gpu_profile_selected_by_configuration_alone(args):
     args["profile"] = GPU_PROFILE
-    profile = AppArgs.model_validate(args).selected
+    profile = AppArgs.model_validate(args).primary
     llm_config = profile.to_llm_config()  # resolves and validates without a GPU
     assert llm_config.model_id == "Qwen/Qwen2.5-7B-Instruct"
     assert llm_config.model_loading_config.model_source == "Qwen/Qwen2.5-7B-Instruct"
@@ -60,6 +60,27 @@ def test_unknown_keys_are_refused(args):
 
 def test_missing_embedded_model_gives_the_prepare_command(args, tmp_path, monkeypatch):
     monkeypatch.setenv("LLM_SERVE_MODEL_CACHE", str(tmp_path))
-    profile = AppArgs.model_validate(args).selected
+    profile = AppArgs.model_validate(args).primary
     with pytest.raises(EmbeddedModelError, match="python -m deployments.models.embedded prepare"):
         profile.to_llm_config()
+
+
+def test_a_profile_overrides_the_routers_queue_settings_for_its_pools(args):
+    app_args = AppArgs.model_validate(args)
+    cpu = app_args.queue_settings(app_args.profiles["embedded-cpu"])
+    gpu = app_args.queue_settings(app_args.profiles[GPU_PROFILE])
+    assert cpu.max_in_flight_per_class == {"high": 8, "medium": 4, "low": 1}  # merged key by key
+    assert cpu.yield_to_high == {"low": 1}
+    assert gpu.max_in_flight_per_class["low"] == 2 and gpu.yield_to_high == {}
+    assert cpu.timeouts_s == gpu.timeouts_s == app_args.router.queues.timeouts_s
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"max_in_flight": 0}, "greater than 0"),
+    ({"yield_to_high": {"high": 1}}, "yield_to_high"),
+    ({"max_in_fligth": 4}, "max_in_fligth"),
+])
+def test_bad_profile_queue_overrides_are_refused(args, override, message):
+    args["profiles"][GPU_PROFILE]["router_queues"] = override
+    with pytest.raises(ValidationError, match=message):
+        AppArgs.model_validate(args)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
+import json
 from pathlib import Path
 
 import jsonschema
@@ -17,6 +19,7 @@ KUBERAY = ROOT.parent / "shared" / "kuberay"
 CRDS = {"RayService": "ray.io_rayservices.yaml", "RayCluster": "ray.io_rayclusters.yaml"}
 
 
+@functools.cache
 def load_generator():
     spec = importlib.util.spec_from_file_location("k8s_generate", ROOT / "k8s" / "generate.py")
     module = importlib.util.module_from_spec(spec)
@@ -33,19 +36,40 @@ def crd_schema(kind: str) -> dict:
     return v1["schema"]["openAPIV3Schema"]
 
 
+@functools.cache
+def _manifests() -> tuple:
+    return tuple(_read_manifests())
+
+
 def manifests() -> list[tuple[str, dict]]:
+    return copy.deepcopy(list(_manifests()))
+
+
+def _read_manifests() -> list[tuple[str, dict]]:
     docs = []
     for path in sorted((ROOT / "k8s").glob("*.yaml")):
         docs += [(path.name, doc) for doc in yaml.safe_load_all(path.read_text()) if doc]
     return docs
 
 
+@functools.cache
+def validator(kind: str):
+    schema = crd_schema(kind)
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema)
+
+
 def validate(doc: dict) -> None:
-    jsonschema.validate(doc, crd_schema(doc["kind"]))
+    validator(doc["kind"]).validate(doc)
 
 
-def test_there_is_a_rayservice():
-    assert [d["kind"] for _, d in manifests()].count("RayService") == 1
+def rayservices() -> dict[str, dict]:
+    return {name: doc for name, doc in manifests() if doc["kind"] == "RayService"}
+
+
+def test_every_generated_rayservice_is_there():
+    assert set(rayservices()) == set(load_generator().MANIFESTS)
 
 
 @pytest.mark.parametrize("name, doc", manifests(), ids=lambda v: v if isinstance(v, str) else v.get("kind"))
@@ -57,9 +81,9 @@ def test_manifest_is_valid(name, doc):
 
 
 @pytest.mark.parametrize("breakage", ["min_replicas_text", "no_head_template", "unknown_field_type"])
-def test_a_broken_manifest_fails(breakage):
-    [doc] = [d for _, d in manifests() if d["kind"] == "RayService"]
-    broken = copy.deepcopy(doc)
+@pytest.mark.parametrize("name", sorted(load_generator().MANIFESTS))
+def test_a_broken_manifest_fails(name, breakage):
+    broken = copy.deepcopy(rayservices()[name])
     cluster = broken["spec"]["rayClusterConfig"]
     if breakage == "min_replicas_text":
         cluster["workerGroupSpecs"][0]["minReplicas"] = "one"
@@ -71,42 +95,83 @@ def test_a_broken_manifest_fails(breakage):
         validate(broken)
 
 
-def rayservice() -> dict:
-    [doc] = [d for _, d in manifests() if d["kind"] == "RayService"]
-    return doc
+def test_generated_files_are_current():
+    generator = load_generator()
+    for filename in generator.MANIFESTS:
+        assert (ROOT / "k8s" / filename).read_text() == generator.render(filename), \
+            f"k8s/{filename} is stale: run python k8s/generate.py"
 
 
-def test_generated_file_is_current():
-    assert (ROOT / "k8s" / "rayservice.yaml").read_text() == load_generator().render(), \
-        "k8s/rayservice.yaml is stale: run python k8s/generate.py"
+def embedded_serve_config(name: str) -> dict:
+    return yaml.safe_load(rayservices()[name]["spec"]["serveConfigV2"])
 
 
-def test_serve_config_v2_passes_rays_schema_and_is_the_gpu_profile():
+@pytest.mark.parametrize("name", sorted(load_generator().MANIFESTS))
+def test_serve_config_v2_passes_rays_schema_and_selects_gpus(name):
     from ray.serve.schema import ServeDeploySchema
 
-    embedded = yaml.safe_load(rayservice()["spec"]["serveConfigV2"])
+    embedded = embedded_serve_config(name)
     ServeDeploySchema.model_validate(embedded)
     args = AppArgs.model_validate(embedded["applications"][0]["args"])
-    assert args.profile == load_generator().GPU_PROFILE
-    assert args.selected.llm_config["accelerator_config"]["kind"] == "gpu"
+    assert {**({"profile": args.profile} if args.profile else {"layout": args.layout})} == \
+        load_generator().MANIFESTS[name][1]
+    assert all(pool.profile.llm_config["accelerator_config"]["kind"] == "gpu" for pool in args.pools)
 
 
-def test_serve_config_v2_is_serve_config_yaml_but_for_profile_and_host():
-    embedded = yaml.safe_load(rayservice()["spec"]["serveConfigV2"])
+@pytest.mark.parametrize("name", sorted(load_generator().MANIFESTS))
+def test_serve_config_v2_is_serve_config_yaml_but_for_selection_and_host(name):
     local = load_serve_config()
     local["http_options"]["host"] = "0.0.0.0"
-    local["applications"][0]["args"]["profile"] = load_generator().GPU_PROFILE
-    assert embedded == local
+    args = local["applications"][0]["args"]
+    args.pop("profile", None)
+    args.update(load_generator().MANIFESTS[name][1])
+    assert embedded_serve_config(name) == local
 
 
-def test_worker_group_advertises_the_gpu_group_resource():
-    worker = rayservice()["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+def check_worker_group(worker: dict, resources: dict, node_pool: str | None) -> None:
     container = worker["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
-    assert '"gpu_4090d": 4' in worker["rayStartParams"]["resources"]
-    assert worker["template"]["spec"]["tolerations"] and worker["template"]["spec"]["nodeSelector"]
+    assert json.loads(worker["rayStartParams"]["resources"]) == resources
+    spec = worker["template"]["spec"]
+    assert spec["tolerations"] and spec["nodeSelector"]["nvidia.com/gpu.product"]
+    assert spec["nodeSelector"].get("llm-serving/node-pool") == node_pool
     env = {e["name"]: e for e in container["env"]}
     assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"]
-    head = rayservice()["spec"]["rayClusterConfig"]["headGroupSpec"]
-    assert head["rayStartParams"]["num-gpus"] == "0"
-    assert rayservice()["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
+    assert {v["name"] for v in spec["volumes"]} >= {"model-cache"}
+
+
+def test_single_profile_cluster_has_one_gpu_worker_group():
+    cluster = rayservices()["rayservice.yaml"]["spec"]["rayClusterConfig"]
+    [worker] = cluster["workerGroupSpecs"]
+    check_worker_group(worker, {"gpu_4090d": 4}, None)
+    assert (worker["minReplicas"], worker["maxReplicas"]) == (1, 1)  # TP1 × at most 4 replicas: one node
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"
+    assert cluster["enableInTreeAutoscaling"] is True
+
+
+def test_mixed_layout_cluster_has_a_worker_group_per_node_pool():
+    cluster = rayservices()["rayservice-mixed.yaml"]["spec"]["rayClusterConfig"]
+    interactive, long_context = cluster["workerGroupSpecs"]
+    check_worker_group(interactive, {"gpu_4090d": 4, "node_pool_4090d_interactive": 4}, "4090d-interactive")
+    check_worker_group(long_context, {"gpu_4090d": 4, "node_pool_4090d_long_context": 4}, "4090d-long-context")
+    # TP1: 2..8 replicas = 2..8 GPUs = 1..2 nodes; TP4: 1..2 replicas = 1..2 nodes.
+    assert (interactive["minReplicas"], interactive["maxReplicas"]) == (1, 2)
+    assert (long_context["minReplicas"], long_context["maxReplicas"]) == (1, 2)
+    # Each pool's bundles ask for exactly the resource its own group advertises.
+    args = AppArgs.model_validate(embedded_serve_config("rayservice-mixed.yaml")["applications"][0]["args"])
+    for pool, group in zip(args.pools, (interactive, long_context)):
+        advertised = json.loads(group["rayStartParams"]["resources"])
+        for bundle in pool.llm_config_fields()["placement_group_config"]["bundles"]:
+            assert {k for k in bundle if k not in ("GPU", "CPU")} <= set(advertised)
+
+
+def test_podmonitor_scrapes_a_port_every_ray_pod_exposes():
+    [monitor] = [doc for _, doc in manifests() if doc["kind"] == "PodMonitor"]
+    # KubeRay labels every Ray pod ray.io/is-ray-node=yes.
+    assert monitor["spec"]["selector"]["matchLabels"] == {"ray.io/is-ray-node": "yes"}
+    ports = {endpoint["port"] for endpoint in monitor["spec"]["podMetricsEndpoints"]}
+    for name, service in rayservices().items():
+        cluster = service["spec"]["rayClusterConfig"]
+        for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+            [container] = group["template"]["spec"]["containers"]
+            assert ports <= {p["name"] for p in container["ports"]}, (name, group.get("groupName", "head"))

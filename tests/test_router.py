@@ -31,7 +31,7 @@ def engine_idle(base_url, model_id, timeout=30.0) -> dict:
     deadline = time.monotonic() + timeout
     load = {}
     while time.monotonic() < deadline:
-        load = httpx.get(base_url + "/health", timeout=30).json()["engine_load"][model_id]
+        load = httpx.get(base_url + "/health", timeout=30).json()["pools"]["main"]["engine_load"]
         if load["running"] == 0 and load["waiting"] == 0 and load["unfinished"] == 0:
             return load
         time.sleep(0.5)
@@ -118,16 +118,17 @@ def test_client_disconnect_aborts_the_engine_request(base_url, model_id):
     with httpx.stream("POST", base_url + "/v1/chat/completions", json=long_generation(model_id, stream=True), timeout=60) as r:
         lines = r.iter_lines()
         next(lines), next(lines)
-    busy = httpx.get(base_url + "/health", timeout=30).json()["engine_load"][model_id]
+    busy = httpx.get(base_url + "/health", timeout=30).json()["pools"]["main"]["engine_load"]
     print("right after disconnect:", busy)
     engine_idle(base_url, model_id)
 
 
 def test_full_queue_gives_429_with_retry_after(base_url, model_id):
-    # Low may run 2 at once and queue 16: 40 at once must overflow.
+    # Low may run 1 at once on the CPU profile and queue 16: 40 at once must overflow.
     async def flood():
         async with httpx.AsyncClient(base_url=base_url, timeout=300) as client:
-            body = chat_body(model_id, max_tokens=48, ignore_eos=True)
+            # Short: the 17 admitted ones run one after another within the 30 s deadline.
+            body = chat_body(model_id, max_tokens=16, ignore_eos=True)
             return await asyncio.gather(*[
                 client.post("/v1/chat/completions", json=body, headers={"X-Priority": "low"}) for _ in range(40)
             ])
@@ -154,9 +155,10 @@ def test_high_request_overtakes_a_flood_of_low_ones(base_url, model_id):
 
     async def scenario():
         async with httpx.AsyncClient(base_url=base_url, timeout=300) as client:
-            # Long enough that the low ones hold their slots and the rest queue.
-            # Low may run 2 at once: of 10, at least 8 must queue.
-            low_body = chat_body(model_id, max_tokens=100, ignore_eos=True, stream=True)
+            # Long enough that the low ones hold their slots and the rest queue;
+            # short enough that ten in a row end within the 30 s deadline.
+            # Low runs 1 at a time on the CPU profile: of 10, 9 must queue.
+            low_body = chat_body(model_id, max_tokens=60, ignore_eos=True, stream=True)
             start = time.monotonic()
             lows = [asyncio.create_task(first_token_at(client, {"X-Priority": "low"}, low_body, start)) for _ in range(10)]
             await asyncio.sleep(1.0)  # the flood is in before the high request arrives

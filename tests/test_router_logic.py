@@ -155,6 +155,58 @@ def test_capped_class_does_not_block_the_ones_below():
     run(scenario())
 
 
+def test_yielding_class_starts_only_between_high_requests():
+    settings = QueueSettings(max_in_flight=8, yield_to_high={"low": 1, "medium": 4})
+    assert not may_start(P.LOW, 1, settings, high_active=1)
+    assert may_start(P.LOW, 0, settings, high_active=0)
+    assert may_start(P.MEDIUM, 3, settings, high_active=3)
+    assert not may_start(P.MEDIUM, 4, settings, high_active=4)
+    assert may_start(P.MEDIUM, 4, settings, high_active=4, replicas=2)  # the threshold is per replica
+    assert may_start(P.LOW, 1, QueueSettings(), high_active=5)  # no yielding unless configured
+
+
+def test_yielding_low_waits_for_the_last_high_to_finish_or_give_up():
+    async def scenario():
+        sched = PriorityScheduler(QueueSettings(max_in_flight=8, max_in_flight_per_class={"high": 1, "medium": 4, "low": 4},
+                                                yield_to_high={"low": 1}))
+        await sched.acquire(P.HIGH, 1)
+        queued_high = asyncio.create_task(sched.acquire(P.HIGH, 0.05))
+        low = asyncio.create_task(sched.acquire(P.LOW, 5))
+        await asyncio.sleep(0)
+        assert sched.depths() == {"high": 1, "medium": 0, "low": 1}
+        with pytest.raises(QueueTimeout):
+            await queued_high  # gives up: one high still runs, low still waits
+        assert not low.done()
+        sched.release(P.HIGH)
+        await asyncio.wait_for(low, 1)
+        assert sched.in_flight == 1
+
+    run(scenario())
+
+
+def test_window_reserve_and_caps_grow_with_the_pools_replicas():
+    settings = QueueSettings(max_in_flight=8, reserved_for_high=0.25, max_in_flight_per_class={"high": 8, "medium": 4, "low": 2})
+    assert not may_start(P.HIGH, 8, settings, replicas=1) and may_start(P.HIGH, 31, settings, replicas=4)
+    assert not may_start(P.MEDIUM, 24, settings, replicas=4)  # 32 less the 8 kept for high
+    assert may_start(P.LOW, 7, settings, class_in_flight=7, replicas=4)
+    assert not may_start(P.LOW, 8, settings, class_in_flight=8, replicas=4)
+    assert may_start(P.HIGH, 0, settings, replicas=0)  # no replica counted yet: as one
+
+
+def test_a_scaled_up_pool_lets_waiters_start():
+    async def scenario():
+        sched = PriorityScheduler(QueueSettings(max_in_flight=1, reserved_for_high=0))
+        await sched.acquire(P.HIGH, 1)
+        waiting = asyncio.create_task(sched.acquire(P.HIGH, 5))
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        sched.set_replicas(2)
+        await asyncio.wait_for(waiting, 1)
+        assert sched.in_flight == 2 and sched.replicas == 2
+
+    run(scenario())
+
+
 def test_reserve_never_takes_the_whole_window():
     assert reserved_slots(QueueSettings(max_in_flight=1, reserved_for_high=0.9)) == 0
 

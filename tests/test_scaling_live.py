@@ -2,7 +2,8 @@
 
 Redeploys the session app with a faster policy (same code, shorter delays),
 puts sustained load on it until Serve's own status shows a second RUNNING
-replica, then lets it idle until the policy takes it away again.
+replica, then lets it idle until the policy takes it away again. Leaves that
+config deployed (marker `changes_app`).
 """
 
 from __future__ import annotations
@@ -10,16 +11,15 @@ from __future__ import annotations
 import asyncio
 import copy
 import threading
-import time
 
 import httpx
 import pytest
 import yaml
 
 from deployments.config.app_args import load_serve_config
-from tests.cluster import REPO_ROOT, run, wait_healthy
+from tests.cluster import redeploy, running_replicas, wait_for
 
-pytestmark = [pytest.mark.integration, pytest.mark.disruptive]
+pytestmark = [pytest.mark.integration, pytest.mark.changes_app]
 
 FAST_POLICY = {"upscale_delay_s": 5, "downscale_delay_s": 20, "target_queue_per_replica": 1}
 
@@ -33,32 +33,6 @@ def scaling_config(tmp_path) -> str:
     path = tmp_path / "serve_scaling.yaml"
     path.write_text(yaml.safe_dump(config))
     return str(path)
-
-
-def app_status() -> dict:
-    return yaml.safe_load(run("serve", "status", timeout=60).stdout)["applications"]["llm"]
-
-
-def running_replicas() -> int:
-    """RUNNING replicas of the LLM deployment per Serve; 0 while it is not listed."""
-    deployments = app_status().get("deployments") or {}
-    llm = [d for name, d in deployments.items() if "LLMServer" in name]
-    return llm[0]["replica_states"].get("RUNNING", 0) if llm else 0
-
-
-def redeploy(config_path: str) -> None:
-    run("serve", "deploy", config_path, timeout=180)
-    time.sleep(5)  # let the controller pick the new config up before polling
-    wait_for(lambda: app_status()["status"] == "RUNNING" and running_replicas() >= 1, 600, "the app RUNNING")
-
-
-def wait_for(condition, timeout_s: float, what: str) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout_s:
-        if condition():
-            return time.monotonic() - start
-        time.sleep(3)
-    raise AssertionError(f"{what} not seen within {timeout_s}s")
 
 
 class Load:
@@ -100,5 +74,3 @@ def test_load_brings_a_second_replica_and_idleness_takes_it_away(base_url, model
         print(f"second replica RUNNING {up_s:.0f}s into the load; {load.completed} requests done")
     down_s = wait_for(lambda: running_replicas() == 1, 300, "scale back to one replica")
     print(f"back to one replica {down_s:.0f}s after the load stopped")
-    redeploy(str(REPO_ROOT / "serve_config.yaml"))  # leave the app as found
-    wait_healthy(base_url)

@@ -100,6 +100,7 @@ class ScalingDecision:
     target: int
     reason: str
     signal: str  # which signal drove it: queue, kv_cache, gpu, idle, bounds, hold
+    pending: str | None = None  # "up" / "down" while a step waits out its delay
 
     @property
     def direction(self) -> str:
@@ -192,6 +193,6 @@ def decide(
     if now - since < delay:
         pending = HysteresisState(up_since=since) if up else HysteresisState(down_since=since)
         wait = f"{'up' if up else 'down'} in {delay - (now - since):.0f}s if it lasts"
-        return ScalingDecision(n, n, f"{reason}; {wait}", "hold"), pending
+        return ScalingDecision(n, n, f"{reason}; {wait}", "hold", pending="up" if up else "down"), pending
     target = min(bounded, n + config.max_step_up) if up else max(bounded, n - config.max_step_down)
     return ScalingDecision(n, target, reason, signal), HysteresisState()

@@ -22,7 +22,8 @@ from typing import Any, Dict, Tuple
 from deployments.autoscaling.decision import (
     AutoscalingConfig, FleetSignals, HysteresisState, decide, mean_of_reported,
 )
-from deployments.autoscaling.signals import LLM_METRICS, ROUTER_QUEUED
+from deployments.autoscaling.signals import LLM_METRICS, ROUTER_QUEUED, router_queued_metric
+from deployments.config.names import pool_of_deployment
 
 logger = logging.getLogger("ray.serve")
 
@@ -56,7 +57,7 @@ class QueueGpuPolicy:
 
     def __call__(self, contexts: Dict[Any, Any]) -> Tuple[Dict[Any, int], Dict[Any, dict]]:
         is_llm = {dep: _is_llm(ctx) for dep, ctx in contexts.items()}
-        router_queued = sum(_summed(ctx, ROUTER_QUEUED) for dep, ctx in contexts.items() if not is_llm[dep])
+        routers = [ctx for dep, ctx in contexts.items() if not is_llm[dep]]
         decisions, states = {}, {}
         for dep, ctx in contexts.items():
             if not is_llm[dep]:
@@ -67,7 +68,8 @@ class QueueGpuPolicy:
                 "max_replicas": ctx.capacity_adjusted_max_replicas,
                 "scale_to_zero": ctx.capacity_adjusted_min_replicas == 0,
             })
-            decision, state = decide(signals_from(ctx, router_queued), HysteresisState.from_dict(ctx.policy_state),
+            decision, state = decide(signals_from(ctx, _queued_for(dep.name, routers)),
+                                     HysteresisState.from_dict(ctx.policy_state),
                                      ctx.current_time, config)
             self._report(dep.name, decision)
             decisions[dep], states[dep] = decision.target, state.as_dict()
@@ -76,7 +78,7 @@ class QueueGpuPolicy:
     def _report(self, deployment: str, decision) -> None:
         # Log steps, and holds only when their kind changes (the numbers in a
         # reason move every tick; the controller calls the policy ~10x a second).
-        kind = (decision.signal, decision.current, decision.target, "pending" in decision.reason or "if it lasts" in decision.reason)
+        kind = (decision.signal, decision.current, decision.target, decision.pending)
         if decision.direction != "hold" or self._last_reason.get(deployment) != kind:
             logger.info("autoscaling %s: %d -> %d (%s): %s", deployment, decision.current, decision.target,
                         decision.signal, decision.reason)
@@ -93,6 +95,13 @@ class QueueGpuPolicy:
             self._gauge.set(decision.target, tags={"deployment": deployment, "signal": decision.signal})
         except Exception:  # metrics are best effort; a decision must never fail on them
             logger.debug("could not export autoscaling metric", exc_info=True)
+
+
+def _queued_for(deployment_name: str, routers) -> float:
+    """Requests the router holds for this LLM deployment's pool."""
+    pool = pool_of_deployment(deployment_name)
+    metric = router_queued_metric(pool) if pool else ROUTER_QUEUED
+    return sum(_summed(ctx, metric) for ctx in routers)
 
 
 def _is_llm(ctx) -> bool:

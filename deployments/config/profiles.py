@@ -28,6 +28,11 @@ class Profile(BaseModel):
 
     description: str = ""
     llm_config: Dict[str, Any] = Field(description="ray.serve.llm LLMConfig fields")
+    router_queues: Dict[str, Any] = Field(
+        default_factory=dict,
+        description="overrides of `router.queues` for pools of this profile: how many requests a "
+                    "replica takes at once, and how long prompts yield, depend on its hardware",
+    )
 
     @model_validator(mode="after")
     def _validate_llm_config(self) -> "Profile":

@@ -3,37 +3,41 @@
 ``OpenAiIngress`` already speaks the OpenAI protocol (vLLM's request and
 response models, SSE streaming, OpenAI-format errors) and reaches the LLM
 replicas through DeploymentHandles; the router extends it rather than copying
-it. Per request it: validates, counts prompt tokens, classifies, admits,
-checks the circuit, waits for a slot in its priority queues, then forwards
-under the class deadline. The decisions live in the pure modules beside this
+it. Per request it: validates, counts prompt tokens, classifies, picks the
+LLM pool (one unless the layout has several), admits against that pool's
+context, checks the pool's circuit, waits for a slot in the pool's priority
+queues, then forwards under the class deadline. The decisions live in the pure modules beside this
 one; this file only wires them to Serve and Starlette.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import contextvars
 import time
-from typing import Any, AsyncIterator, Callable
+from typing import AsyncIterator, Callable
 
 from fastapi import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ray.llm._internal.serve.core.configs.openai_api_models import OpenAIHTTPException
 from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS, init
+from ray import serve
 from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 
-from deployments.autoscaling.signals import ROUTER_QUEUED
+from deployments.autoscaling.signals import ROUTER_QUEUED, router_queued_metric
 from deployments.router.admission import admit
 from deployments.router.cancellation import CallTracker, TrackingHandle
 from deployments.router.circuit_breaker import CircuitBreaker
 from deployments.router.classification import PRIORITY_HEADER, classify
 from deployments.router.deadlines import TIMEOUT_HEADER, decide_timeout_s
 from deployments.router.errors import install_openai_error_handlers, openai_error, sse_error_event
+from deployments.router.pools import PoolRoute, choose_pool, tokens_needed
+from deployments.router.replica_counts import follow_replica_counts
 from deployments.router.request_limits import BodySizeLimit
 from deployments.router.scheduler import PriorityScheduler, QueueFull, QueueTimeout
-from deployments.router.settings import PriorityClass, RouterSettings
+from deployments.router.settings import CircuitSettings, PriorityClass, QueueSettings, RouterSettings
 from deployments.router.tokens import PromptTokenCounter
 from deployments.router.validation import RequestProblem, check_chat_messages
 
@@ -44,6 +48,7 @@ ENDPOINTS = {
     "health": lambda app: app.get("/health"),
 }
 SAMPLING_FIELDS = ("temperature", "top_p", "n", "repetition_penalty")
+_CHOSEN_POOL: contextvars.ContextVar[str] = contextvars.ContextVar("chosen_pool")
 
 
 class Router(OpenAiIngress):
@@ -52,19 +57,32 @@ class Router(OpenAiIngress):
         llm_deployments,
         model_cards,
         *,
+        pool_deployments: dict,
+        pool_routes: list[dict],
         router_settings: dict,
         tokenizer_source: str,
-        max_model_len: int,
-        engine_priority: bool,
         **kwargs,
     ):
         super().__init__(llm_deployments, model_cards, **kwargs)
         self._settings = RouterSettings.model_validate(router_settings)
         self._tokens = PromptTokenCounter(tokenizer_source)
-        self._max_model_len = max_model_len
-        self._engine_priority = engine_priority
-        self._scheduler = PriorityScheduler(self._settings.queues)
-        self._circuit = CircuitBreaker(self._settings.circuit)
+        self._pools = {
+            route["name"]: _Pool(PoolRoute.from_dict(route), pool_deployments[route["name"]],
+                                 QueueSettings.model_validate(route["queues"]), self._settings.circuit)
+            for route in pool_routes
+        }
+        self._routes = [pool.route for pool in self._pools.values()]
+        self._replica_watch: asyncio.Task | None = None
+
+    def _follow_replicas(self) -> None:
+        """Start (once, on the replica's event loop) keeping each pool's window sized to its replicas."""
+        if self._replica_watch is None:
+            self._replica_watch = asyncio.create_task(
+                follow_replica_counts(serve.get_replica_context().app_name, self._apply_replica_counts))
+
+    def _apply_replica_counts(self, counts: dict) -> None:
+        for pool in self._pools.values():
+            pool.scheduler.set_replicas(counts.get(pool.handle.deployment_name, 1))
 
     # --- endpoints ---------------------------------------------------------------
 
@@ -78,57 +96,59 @@ class Router(OpenAiIngress):
         return await self._serve(body, request, "completions", lambda: self._tokens.completion(body.prompt))
 
     async def health(self) -> JSONResponse:
-        """Ready when every model's replicas answer their engine health check."""
-        unhealthy, engines = {}, {}
-        for model_id, handle in self._default_serve_handles.items():
+        """Ready when every pool's replicas answer their engine health check."""
+        unhealthy, pools = {}, {}
+        for name, pool in self._pools.items():
             try:
-                await handle.check_health.remote()
-                engines[model_id] = await handle.engine_load.remote()  # one replica's view
+                await pool.handle.check_health.remote()
+                engine_load = await pool.handle.engine_load.remote()  # one replica's view
             except Exception as exc:  # any failure means "not ready", reported, not raised
-                unhealthy[model_id] = f"{type(exc).__name__}: {exc}"[:500]
+                unhealthy[name] = f"{type(exc).__name__}: {exc}"[:500]
+                continue
+            pools[name] = pool.describe() | {"engine_load": engine_load}
         if unhealthy:
             return openai_error(503, f"model replicas unhealthy: {unhealthy}")
-        return JSONResponse({
-            "status": "ok",
-            "models": sorted(self._model_cards),
-            "circuit": self._circuit.state.value,
-            "queued": self._scheduler.depths(),
-            "in_flight": self._scheduler.in_flight,
-            "engine_load": engines,
-        })
+        return JSONResponse({"status": "ok", "models": sorted(self._model_cards), "pools": pools})
 
     def _get_configured_serve_handle(self, model_id: str):
-        return TrackingHandle(super()._get_configured_serve_handle(model_id))
+        # Called by OpenAiIngress inside _process_llm_request, in the request's
+        # own task: the pool chosen for it is in _CHOSEN_POOL.
+        return TrackingHandle(self._pools[_CHOSEN_POOL.get()].streaming_handle)
 
     async def record_autoscaling_stats(self) -> dict:
-        """The router's class queues, for the application's autoscaling policy."""
-        depths = self._scheduler.depths()
-        return {ROUTER_QUEUED: float(sum(depths.values())), **{f"router_queued_{c}": float(n) for c, n in depths.items()}}
+        """Queued requests per pool, for the application's autoscaling policy."""
+        self._follow_replicas()
+        per_pool = {router_queued_metric(name): float(pool.queued) for name, pool in self._pools.items()}
+        return {ROUTER_QUEUED: sum(per_pool.values()), **per_pool}
 
     # --- the pipeline ------------------------------------------------------------
 
     async def _serve(self, body, request: Request, call_method: str, count_tokens: Callable[[], int]) -> Response:
         headers = {"x-request-id": request.state.request_id}
+        self._follow_replicas()
         await self._get_model_id(body.model)  # unknown model: 404 before any work
         # Tokenising a 1 MB prompt takes a while; keep the event loop free.
         prompt_tokens = await asyncio.to_thread(count_tokens)
         decided = self._classify_and_admit(body, request, prompt_tokens)
         if isinstance(decided, RequestProblem):
             return _problem_response(decided, request)
-        body, cls, admitted = decided
-        timeout_s = decide_timeout_s(self._settings.timeout_s(cls), request.headers.get(TIMEOUT_HEADER))
+        body, cls, admitted, pool = decided
+        timeout_s = decide_timeout_s(pool.queue_settings.timeouts_s[cls.label], request.headers.get(TIMEOUT_HEADER))
         if isinstance(timeout_s, RequestProblem):
             return _problem_response(timeout_s, request)
         headers["x-priority-class"] = cls.label
+        headers["x-llm-pool"] = pool.route.name
         headers["x-prompt-tokens"] = str(prompt_tokens)
         headers["x-max-tokens-applied"] = str(admitted.max_tokens)
 
-        retry_after = self._circuit.try_pass()
+        retry_after = pool.circuit.try_pass()
         if retry_after is not None:
-            return openai_error(503, "model replicas are failing; circuit open", headers=headers | {"retry-after": str(retry_after)})
-        outcome = _Outcome(self._circuit)
+            return openai_error(503, f"model replicas of pool {pool.route.name!r} are failing; circuit open",
+                                headers=headers | {"retry-after": str(retry_after)})
+        outcome = _Outcome(pool.circuit)
+        _CHOSEN_POOL.set(pool.route.name)
         try:
-            return await self._dispatch(body, request, call_method, cls, timeout_s, headers, outcome)
+            return await self._dispatch(body, request, call_method, cls, timeout_s, headers, outcome, pool)
         finally:
             outcome.abandon_if_unsettled()
 
@@ -138,27 +158,32 @@ class Router(OpenAiIngress):
             return classification
         fields = {name: getattr(body, name, None) for name in SAMPLING_FIELDS}
         fields["max_tokens"] = getattr(body, "max_completion_tokens", None) or body.max_tokens
-        admitted = admit(fields, prompt_tokens, self._max_model_len, self._settings.admission)
+        admission = self._settings.admission
+        needed = tokens_needed(prompt_tokens, fields["max_tokens"], admission.max_tokens_cap)
+        pool = self._pools[choose_pool(classification.priority, needed, self._routes).name]
+        admitted = admit(fields, prompt_tokens, pool.route.max_model_len, admission)
         if isinstance(admitted, RequestProblem):
             return admitted
         updates = dict(admitted.updates)
         if hasattr(body, "max_completion_tokens"):
             updates["max_completion_tokens"] = admitted.max_tokens
-        if self._engine_priority:
+        if pool.route.engine_priority:
             updates["priority"] = int(classification.priority)
-        return body.model_copy(update=updates), classification.priority, admitted
+        return body.model_copy(update=updates), classification.priority, admitted, pool
 
-    async def _dispatch(self, body, request, call_method, cls: PriorityClass, timeout_s: float, headers, outcome) -> Response:
+    async def _dispatch(self, body, request, call_method, cls: PriorityClass, timeout_s: float, headers, outcome,
+                        pool: "_Pool") -> Response:
         deadline = time.monotonic() + timeout_s
+        scheduler = pool.scheduler
         try:
-            waited = await self._scheduler.acquire(cls, timeout_s)
+            waited = await scheduler.acquire(cls, timeout_s)
         except QueueFull as full:
-            retry = {"retry-after": str(self._settings.queues.retry_after_s)}
+            retry = {"retry-after": str(pool.queue_settings.retry_after_s)}
             return openai_error(429, f"{full}; retry later", headers=headers | retry)
         except QueueTimeout as late:
             return openai_error(504, f"deadline of {timeout_s:.0f}s passed: {late}", headers=headers)
         headers["x-queue-wait-ms"] = f"{waited * 1000:.0f}"
-        slot = _Slot(self._scheduler, cls)
+        slot = _Slot(scheduler, cls)
         calls = CallTracker()
         try:
             async with asyncio.timeout(deadline - time.monotonic()):
@@ -189,6 +214,26 @@ class Router(OpenAiIngress):
             outcome.settle(ok=True)
         response.headers.update(headers)
         return response
+
+
+class _Pool:
+    """One LLM deployment behind the router, with its own queues, window and circuit."""
+
+    def __init__(self, route: PoolRoute, handle, queues: QueueSettings, circuit: CircuitSettings):
+        self.route, self.handle = route, handle
+        self.streaming_handle = handle.options(stream=True)
+        self.queue_settings = queues
+        self.scheduler = PriorityScheduler(queues)
+        self.circuit = CircuitBreaker(circuit)
+
+    @property
+    def queued(self) -> int:
+        return sum(self.scheduler.depths().values())
+
+    def describe(self) -> dict:
+        return {"classes": sorted(self.route.classes), "max_model_len": self.route.max_model_len,
+                "circuit": self.circuit.state.value, "queued": self.scheduler.depths(),
+                "in_flight": self.scheduler.in_flight, "replicas": self.scheduler.replicas}
 
 
 class _Slot:

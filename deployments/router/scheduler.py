@@ -1,9 +1,10 @@
 """Bounded per-class queues and a concurrency window toward the replicas.
 
 The router, not an unbounded engine queue, decides the order: at most
-``max_in_flight`` requests run at once; the rest wait here, high before medium
-before low, first-come-first-served within a class. A share of the window is
-kept for high requests, so a flood of low ones can never take every slot.
+``max_in_flight`` requests per running LLM replica run at once; the rest wait
+here, high before medium before low, first-come-first-served within a class. A share of the window is
+kept for high requests, so a flood of low ones can never take every slot, and
+a class may be set to yield to high: it starts only in the gaps between them.
 Decisions are the pure functions at the top; ``PriorityScheduler`` is the
 asyncio bookkeeping around them.
 """
@@ -40,12 +41,21 @@ def reserved_slots(settings: QueueSettings) -> int:
     return min(math.ceil(settings.max_in_flight * settings.reserved_for_high), settings.max_in_flight - 1)
 
 
-def may_start(cls: PriorityClass, in_flight: int, settings: QueueSettings, class_in_flight: int = 0) -> bool:
-    """Within the window (less the high reserve for other classes) and the class's own cap."""
-    limit = settings.max_in_flight
+def may_start(cls: PriorityClass, in_flight: int, settings: QueueSettings, class_in_flight: int = 0,
+              high_active: int = 0, replicas: int = 1) -> bool:
+    """Within the window (less the high reserve for other classes), the class's own cap,
+    and, for a class that yields to high, only while fewer high requests run or wait
+    than its threshold. Window, reserve, caps and thresholds are per LLM replica:
+    a scaled-up pool takes more at once."""
+    replicas = max(1, replicas)
+    limit = settings.max_in_flight * replicas
     if cls is not PriorityClass.HIGH:
-        limit -= reserved_slots(settings)
-    return in_flight < limit and class_in_flight < settings.max_in_flight_per_class.get(cls.label, limit)
+        limit -= reserved_slots(settings) * replicas
+    yield_below = settings.yield_to_high.get(cls.label)
+    if yield_below is not None and high_active >= yield_below * replicas:
+        return False
+    class_cap = settings.max_in_flight_per_class.get(cls.label)
+    return in_flight < limit and (class_cap is None or class_in_flight < class_cap * replicas)
 
 
 def class_to_shed(queued: dict[PriorityClass, int], arriving: PriorityClass) -> PriorityClass | None:
@@ -68,13 +78,24 @@ class PriorityScheduler:
         self._settings = settings
         self._queues: dict[PriorityClass, deque[_Waiter]] = {c: deque() for c in PriorityClass}
         self._running: dict[PriorityClass, int] = {c: 0 for c in PriorityClass}
+        self._replicas = 1
+
+    @property
+    def replicas(self) -> int:
+        return self._replicas
+
+    def set_replicas(self, replicas: int) -> None:
+        """The pool's running LLM replicas; the window scales with them."""
+        self._replicas = max(1, replicas)
+        self._dispatch()  # a larger window may let waiters start now
 
     @property
     def in_flight(self) -> int:
         return sum(self._running.values())
 
     def _may_start(self, cls: PriorityClass) -> bool:
-        return may_start(cls, self.in_flight, self._settings, self._running[cls])
+        high_active = self._running[PriorityClass.HIGH] + len(self._queues[PriorityClass.HIGH])
+        return may_start(cls, self.in_flight, self._settings, self._running[cls], high_active, self._replicas)
 
     def _start(self, cls: PriorityClass) -> None:
         self._running[cls] += 1
@@ -88,7 +109,8 @@ class PriorityScheduler:
     async def acquire(self, cls: PriorityClass, timeout_s: float) -> float:
         """Wait for a slot; returns the seconds waited. Pair with ``release()``."""
         # Waiters of a more urgent class exist only when they cannot start: the
-        # window is full (then neither can this one) or their cap holds them.
+        # window is full (then neither can this one), their cap holds them, or
+        # (for high) they make a yielding class wait anyway.
         if not self._queues[cls] and self._may_start(cls):
             self._start(cls)
             return 0.0
@@ -128,6 +150,7 @@ class PriorityScheduler:
         queue = self._queues[waiter.cls]
         if waiter in queue:
             queue.remove(waiter)
+            self._dispatch()  # a high waiter leaving may free a yielding class
             return True
         if waiter.future.done() and waiter.future.exception() is not None:
             return True  # it was shed: it never held a slot
@@ -142,6 +165,6 @@ class PriorityScheduler:
                     continue
                 self._start(cls)
                 waiter.future.set_result(None)
-            if queue and self.in_flight >= self._settings.max_in_flight:
+            if queue and self.in_flight >= self._settings.max_in_flight * self._replicas:
                 return  # window full: nothing below may start either
             # A class held back only by its own cap does not block the classes below.

@@ -66,11 +66,17 @@ class AdmissionSettings(_Strict):
 class QueueSettings(_Strict):
     capacity: Dict[str, int] = _per_class(64, 32, 16)
     max_queued_total: int = Field(96, gt=0, description="beyond this, lower classes are shed first")
-    max_in_flight: int = Field(8, gt=0, description="concurrency window toward the replicas, per router replica")
+    max_in_flight: int = Field(8, gt=0, description="concurrency window toward a pool, per running LLM replica")
     reserved_for_high: float = Field(0.25, ge=0, lt=1, description="share of the window only high may use")
     max_in_flight_per_class: Dict[str, int] = Field(
         default_factory=lambda: {"high": 8, "medium": 4, "low": 2},
-        description="cap per class inside the window: long prompts steal every engine step's compute",
+        description="cap per class inside the window, per running LLM replica: long prompts steal "
+                    "every engine step's compute",
+    )
+    yield_to_high: Dict[Literal["medium", "low"], int] = Field(
+        default_factory=dict,
+        description="class: it starts only while fewer high requests than this (per LLM replica) run or "
+                    "wait; 1 = only in the gaps between high requests",
     )
     timeouts_s: Dict[str, float] = _per_class(30.0, 30.0, 30.0)
     retry_after_s: int = Field(2, ge=1, description="Retry-After on a full queue")
@@ -86,9 +92,3 @@ class RouterSettings(_Strict):
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
     queues: QueueSettings = Field(default_factory=QueueSettings)
     circuit: CircuitSettings = Field(default_factory=CircuitSettings)
-
-    def timeout_s(self, cls: PriorityClass) -> float:
-        return self.queues.timeouts_s[cls.label]
-
-    def capacity(self, cls: PriorityClass) -> int:
-        return self.queues.capacity[cls.label]
