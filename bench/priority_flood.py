@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import copy
 import json
+import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -23,6 +24,7 @@ from pathlib import Path
 import httpx
 
 BASE_URL = "http://127.0.0.1:8000"
+SPLIT_LAYOUT = "embedded-cpu-split"  # target "ours-split"
 TOPICS = ["rivers", "bread", "trains", "owls", "glass", "tides", "maps", "bells"]
 
 
@@ -156,8 +158,10 @@ def plot(results: list[Result], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for ax, target in zip(axes, ("ours", "stock")):
+    targets = list(dict.fromkeys(r.target for r in results))
+    fig, axes = plt.subplots(1, len(targets), figsize=(6 * len(targets), 4.5), sharey=True, squeeze=False)
+    axes = axes[0]
+    for ax, target in zip(axes, targets):
         for cls, colour in (("low", "tab:orange"), ("high", "tab:blue")):
             pts = [(r.sent_at, r.ttft_s) for r in results
                    if r.target == target and r.phase == "flood" and r.cls == cls and r.ttft_s is not None]
@@ -190,6 +194,9 @@ def deploy(target: str, profile_name: str):
     args["profile"] = profile_name
     if target == "ours":
         app = build_app(args)
+    elif target == "ours-split":
+        # The same router with the low class on its own engine (and core).
+        app = build_app({**{k: v for k, v in args.items() if k != "profile"}, "layout": SPLIT_LAYOUT})
     else:
         # The stock app: same model, engine and replica resources, first-come-first-served.
         llm_config = AppArgs.model_validate(args).primary.to_llm_config()
@@ -226,7 +233,8 @@ def main() -> None:
     parser.add_argument("--low-words", type=int, default=2200, help="~tokens of each low prompt")
     parser.add_argument("--low-tokens", type=int, default=32)
     parser.add_argument("--client-timeout", type=float, default=180.0)
-    parser.add_argument("--targets", default="ours,stock")
+    parser.add_argument("--targets", default="ours,stock",
+                        help="of ours, stock and ours-split (the embedded-cpu-split layout)")
     parser.add_argument("--out", type=Path, default=Path("docs/bench"))
     parser.add_argument("--replot", type=Path, help="only redraw the plot from a run's priority_flood.json")
     args = parser.parse_args()
@@ -238,7 +246,8 @@ def main() -> None:
     import ray
     from ray import serve
 
-    ray.init(include_dashboard=False)
+    # Logical CPUs, as the test cluster: two engines + router on a 2-core box.
+    ray.init(include_dashboard=False, num_cpus=max(4, os.cpu_count() or 1))
     results: list[Result] = []
     try:
         for target in args.targets.split(","):

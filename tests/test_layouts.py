@@ -60,6 +60,15 @@ def test_single_node_layouts(args, layout, pools):
             for p in resolved} == pools
 
 
+def test_cpu_split_pins_each_engine_to_its_own_core(args):
+    interactive, bulk = with_layout(args, "embedded-cpu-split").pools
+    for pool, core in ((interactive, "0"), (bulk, "1")):
+        env = pool.llm_config_fields()["runtime_env"]["env_vars"]
+        assert env["VLLM_CPU_OMP_THREADS_BIND"] == core
+        assert env["HF_HUB_OFFLINE"] == "1"  # the profile's own variables stay
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in args["profiles"]["embedded-cpu"]["llm_config"]["runtime_env"]["env_vars"]
+
+
 def test_a_class_without_a_pool_is_refused(args):
     args["layouts"]["broken"] = {"pools": {"chat": {"profile": TP1, "classes": ["high"]}}}
     with pytest.raises(ValidationError, match=r"no pool takes class\(es\) \['medium', 'low'\]"):

@@ -50,6 +50,9 @@ class Pool(_Strict):
     node_pool: Optional[str] = Field(None, pattern=r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$",
                                      description="Kubernetes node pool whose Ray worker group hosts it")
     replicas: Optional[ReplicaBounds] = Field(None, description="overrides the profile's autoscaling bounds")
+    env_vars: Dict[str, str] = Field(default_factory=dict,
+                                     description="added to the profile's runtime_env for this pool only "
+                                                 "(e.g. pin a CPU engine to its own core)")
 
 
 class Layout(_Strict):
@@ -93,6 +96,9 @@ class ResolvedPool:
             placement = fields.setdefault("placement_group_config", {})
             bundles = placement.get("bundles") or [{}]
             placement["bundles"] = [{**bundle, resource: 1} for bundle in bundles]
+        if self.pool.env_vars:
+            runtime_env = fields.setdefault("runtime_env", {})
+            runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **self.pool.env_vars}
         if self.pool.replicas:
             deployment = fields.setdefault("deployment_config", {})
             deployment.pop("num_replicas", None)
