@@ -35,24 +35,25 @@ def without_serve_delays(deployment_options: Dict[str, Any]) -> Dict[str, Any]:
 
 def build_app(args: Dict[str, Any]) -> Application:
     app_args = AppArgs.model_validate(args)
-    pool_apps, pool_routes = {}, []
+    pool_apps, pool_routes, llm_configs = {}, [], {}
     for pool in app_args.pools:
-        llm_config = pool.as_profile().to_llm_config(server_cls=ObservedLLMServer)
+        llm_config = llm_configs[pool.name] = pool.as_profile().to_llm_config(server_cls=ObservedLLMServer)
         llm_config.deployment_config = without_serve_delays(llm_config.deployment_config)
         pool_apps[pool.name] = build_llm_deployment(llm_config, name_prefix=deployment_name_prefix(pool.name))
         pool_routes.append({"name": pool.name, "classes": pool.classes, "max_model_len": pool.profile.max_model_len,
                             "engine_priority": pool.profile.engine_priority,
                             "queues": app_args.queue_settings(pool.profile).model_dump()})
-    primary = app_args.pools[0]
-    model_id = primary.profile.model_id
+    primary = app_args.pools[0].name
+    primary_config = llm_configs[primary]  # all pools serve this one model
+    model_id = primary_config.model_id
     router = app_args.router
     router_cls = router_ingress_class(router.admission.max_request_bytes)
     return serve.deployment(router_cls, name="Router", **without_serve_delays(router.deployment)).bind(
         # OpenAiIngress keys replicas by model; the router picks among the pools itself.
-        llm_deployments={model_id: pool_apps[primary.name]},
-        model_cards={model_id: to_model_metadata(model_id, primary.profile.to_llm_config())},
+        llm_deployments={model_id: pool_apps[primary]},
+        model_cards={model_id: to_model_metadata(model_id, primary_config)},
         pool_deployments=pool_apps,
         pool_routes=pool_routes,
         router_settings=router.model_dump(exclude={"deployment"}),
-        tokenizer_source=primary.profile.to_llm_config().model_loading_config.model_source,
+        tokenizer_source=primary_config.model_loading_config.model_source,
     )

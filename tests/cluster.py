@@ -16,6 +16,8 @@ from pathlib import Path
 import httpx
 import yaml
 
+from deployments.config.names import deployment_name_prefix
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 BASE_URL = "http://127.0.0.1:8000"
@@ -161,7 +163,7 @@ def app_status() -> dict:
 def running_replicas(pool: str = "main") -> int:
     """RUNNING replicas of one pool's LLM deployment per Serve; 0 while it is not listed."""
     deployments = app_status().get("deployments") or {}
-    llm = [d for name, d in deployments.items() if name.startswith(f"ObservedLLMServer:{pool}:")]
+    llm = [d for name, d in deployments.items() if name.startswith(deployment_name_prefix(pool))]
     return llm[0]["replica_states"].get("RUNNING", 0) if llm else 0
 
 

@@ -26,6 +26,7 @@ from deployments.config.profiles import Profile
 ClassName = Literal["high", "medium", "low"]
 ALL_CLASSES: tuple[ClassName, ...] = ("high", "medium", "low")
 SINGLE_POOL = "main"  # the pool's name when `args.profile` names one profile
+DNS_LABEL = r"[a-z0-9]([a-z0-9-]*[a-z0-9])?"  # pool and node-pool names end up in k8s names and labels
 
 
 class _Strict(BaseModel):
@@ -47,7 +48,7 @@ class Pool(_Strict):
     profile: str = Field(description="the entry of `profiles` this pool's replicas run")
     classes: List[ClassName] = Field(default_factory=lambda: list(ALL_CLASSES), min_length=1,
                                      description="priority classes routed here first")
-    node_pool: Optional[str] = Field(None, pattern=r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$",
+    node_pool: Optional[str] = Field(None, pattern=f"^{DNS_LABEL}$",
                                      description="Kubernetes node pool whose Ray worker group hosts it")
     replicas: Optional[ReplicaBounds] = Field(None, description="overrides the profile's autoscaling bounds")
     env_vars: Dict[str, str] = Field(default_factory=dict,
@@ -66,7 +67,7 @@ class Layout(_Strict):
         if missing:
             raise ValueError(f"no pool takes class(es) {missing}; list them in some pool's `classes`")
         for name in self.pools:
-            if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", name):
+            if not re.fullmatch(DNS_LABEL, name):
                 raise ValueError(f"pool name {name!r}: use lower-case letters, digits and '-'")
         return self
 
