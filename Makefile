@@ -15,7 +15,7 @@ model: install
 	$(VENV)/bin/python -m deployments.models.embedded prepare
 
 serve: model
-	$(VENV)/bin/serve run serve_config.yaml
+	$(VENV)/bin/python scripts/serve.py
 
 test: model
 	$(VENV)/bin/python -m pytest

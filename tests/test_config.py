@@ -7,6 +7,7 @@ import copy
 import pytest
 from pydantic import ValidationError
 
+from deployments.router.settings import PriorityClass as P
 from deployments.config.app_args import AppArgs, load_serve_config
 from deployments.models.embedded import EmbeddedModelError
 
@@ -69,14 +70,27 @@ def test_a_profile_overrides_the_routers_queue_settings_for_its_pools(args):
     app_args = AppArgs.model_validate(args)
     cpu = app_args.queue_settings(app_args.profiles["embedded-cpu"])
     gpu = app_args.queue_settings(app_args.profiles[GPU_PROFILE])
-    assert cpu.max_in_flight_per_class == {"high": 8, "medium": 4, "low": 1}  # merged key by key
+    assert cpu.max_in_flight_per_class == {"low": 1}
     assert cpu.yield_to_high == {"low": 1}
     assert gpu.max_in_flight_per_class["low"] == 2 and gpu.yield_to_high == {}
-    assert cpu.timeouts_s == gpu.timeouts_s == app_args.router.queues.timeouts_s
+    assert gpu.classes == app_args.router.queues.classes  # the 4090D profiles keep web chat's SLO
+    assert gpu.targets(P.HIGH).ttft_s == 1.0 and gpu.tightest_tpot_s == 0.05
+    assert cpu.targets(P.MEDIUM).ttft_s > gpu.targets(P.MEDIUM).ttft_s  # a 2k prefill on one CPU core
+    assert cpu.window == gpu.window  # one window setting; what it settles at is measured
+
+
+def test_a_profile_may_override_one_field_of_one_class(args):
+    args["profiles"][GPU_PROFILE]["router_queues"] = {"classes": {"low": {"start_deadline_s": 60}}}
+    app_args = AppArgs.model_validate(args)
+    gpu = app_args.queue_settings(app_args.profiles[GPU_PROFILE])
+    assert gpu.targets(P.LOW).start_deadline_s == 60 and gpu.targets(P.LOW).ttft_s == 60.0
+    assert gpu.targets(P.HIGH) == app_args.router.queues.targets(P.HIGH)
 
 
 @pytest.mark.parametrize("override, message", [
-    ({"max_in_flight": 0}, "greater than 0"),
+    ({"window": {"initial": 0}}, "greater than or equal to 1"),
+    ({"window": {"min": 8, "initial": 4}}, "min <= initial"),
+    ({"classes": {"high": {"tpot_s": 0}}}, "greater than 0"),
     ({"yield_to_high": {"high": 1}}, "yield_to_high"),
     ({"max_in_fligth": 4}, "max_in_fligth"),
 ])

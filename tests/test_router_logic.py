@@ -128,14 +128,14 @@ def test_edges_at_the_limits_are_accepted():
 
 
 def test_reserved_share_is_kept_for_high():
-    settings = QueueSettings(max_in_flight=8, reserved_for_high=0.25)
-    assert reserved_slots(settings) == 2
+    settings = qs(window=8, reserved_for_high=0.25)
+    assert reserved_slots(8, settings) == 2
     assert may_start(P.LOW, 5, settings) and not may_start(P.LOW, 6, settings)
     assert may_start(P.HIGH, 7, settings) and not may_start(P.HIGH, 8, settings)
 
 
 def test_class_caps_inside_the_window():
-    settings = QueueSettings(max_in_flight=8, max_in_flight_per_class={"high": 8, "medium": 4, "low": 2})
+    settings = qs(window=8, max_in_flight_per_class={"high": 8, "medium": 4, "low": 2})
     assert may_start(P.LOW, 1, settings, class_in_flight=1)
     assert not may_start(P.LOW, 2, settings, class_in_flight=2)
     assert may_start(P.MEDIUM, 2, settings, class_in_flight=0)
@@ -143,7 +143,7 @@ def test_class_caps_inside_the_window():
 
 def test_capped_class_does_not_block_the_ones_below():
     async def scenario():
-        sched = PriorityScheduler(QueueSettings(max_in_flight=8, max_in_flight_per_class={"high": 1, "medium": 4, "low": 4}))
+        sched = PriorityScheduler(qs(window=8, max_in_flight_per_class={"high": 1, "medium": 4, "low": 4}))
         await sched.acquire(P.HIGH, 1)
         queued_high = asyncio.create_task(sched.acquire(P.HIGH, 5))
         await asyncio.sleep(0)
@@ -156,7 +156,7 @@ def test_capped_class_does_not_block_the_ones_below():
 
 
 def test_yielding_class_starts_only_between_high_requests():
-    settings = QueueSettings(max_in_flight=8, yield_to_high={"low": 1, "medium": 4})
+    settings = qs(window=8, yield_to_high={"low": 1, "medium": 4})
     assert not may_start(P.LOW, 1, settings, high_active=1)
     assert may_start(P.LOW, 0, settings, high_active=0)
     assert may_start(P.MEDIUM, 3, settings, high_active=3)
@@ -167,7 +167,7 @@ def test_yielding_class_starts_only_between_high_requests():
 
 def test_yielding_low_waits_for_the_last_high_to_finish_or_give_up():
     async def scenario():
-        sched = PriorityScheduler(QueueSettings(max_in_flight=8, max_in_flight_per_class={"high": 1, "medium": 4, "low": 4},
+        sched = PriorityScheduler(qs(window=8, max_in_flight_per_class={"high": 1, "medium": 4, "low": 4},
                                                 yield_to_high={"low": 1}))
         await sched.acquire(P.HIGH, 1)
         queued_high = asyncio.create_task(sched.acquire(P.HIGH, 0.05))
@@ -185,7 +185,7 @@ def test_yielding_low_waits_for_the_last_high_to_finish_or_give_up():
 
 
 def test_window_reserve_and_caps_grow_with_the_pools_replicas():
-    settings = QueueSettings(max_in_flight=8, reserved_for_high=0.25, max_in_flight_per_class={"high": 8, "medium": 4, "low": 2})
+    settings = qs(window=8, reserved_for_high=0.25, max_in_flight_per_class={"high": 8, "medium": 4, "low": 2})
     assert not may_start(P.HIGH, 8, settings, replicas=1) and may_start(P.HIGH, 31, settings, replicas=4)
     assert not may_start(P.MEDIUM, 24, settings, replicas=4)  # 32 less the 8 kept for high
     assert may_start(P.LOW, 7, settings, class_in_flight=7, replicas=4)
@@ -195,7 +195,7 @@ def test_window_reserve_and_caps_grow_with_the_pools_replicas():
 
 def test_a_scaled_up_pool_lets_waiters_start():
     async def scenario():
-        sched = PriorityScheduler(QueueSettings(max_in_flight=1, reserved_for_high=0))
+        sched = PriorityScheduler(qs(window=1, reserved_for_high=0))
         await sched.acquire(P.HIGH, 1)
         waiting = asyncio.create_task(sched.acquire(P.HIGH, 5))
         await asyncio.sleep(0)
@@ -208,7 +208,7 @@ def test_a_scaled_up_pool_lets_waiters_start():
 
 
 def test_reserve_never_takes_the_whole_window():
-    assert reserved_slots(QueueSettings(max_in_flight=1, reserved_for_high=0.9)) == 0
+    assert reserved_slots(1, QueueSettings(reserved_for_high=0.9)) == 0
 
 
 def test_shedding_picks_the_least_urgent_class_below_the_arrival():
@@ -222,9 +222,15 @@ def run(coro):
     return asyncio.run(coro)
 
 
+def qs(window: int = 8, **fields) -> QueueSettings:
+    """Queue settings whose window starts (and, unmeasured, stays) at ``window`` per replica."""
+    fields.setdefault("max_in_flight_per_class", {"low": 2})
+    return QueueSettings(window={"initial": window, "min": 1, "max": 256}, **fields)
+
+
 def test_high_overtakes_queued_low_requests():
     async def scenario():
-        sched = PriorityScheduler(QueueSettings(max_in_flight=1, reserved_for_high=0))
+        sched = PriorityScheduler(qs(window=1, reserved_for_high=0))
         await sched.acquire(P.LOW, 1)  # occupies the only slot
         order = []
 
@@ -246,7 +252,7 @@ def test_high_overtakes_queued_low_requests():
 
 def test_full_class_queue_is_refused():
     async def scenario():
-        sched = PriorityScheduler(QueueSettings(max_in_flight=1, capacity={"high": 1, "medium": 1, "low": 1}))
+        sched = PriorityScheduler(qs(window=1, capacity={"high": 1, "medium": 1, "low": 1}))
         await sched.acquire(P.HIGH, 1)
         waiting = asyncio.create_task(sched.acquire(P.LOW, 5))
         await asyncio.sleep(0)
@@ -262,7 +268,7 @@ def test_full_class_queue_is_refused():
 
 def test_overload_sheds_low_to_admit_high():
     async def scenario():
-        sched = PriorityScheduler(QueueSettings(max_in_flight=1, max_queued_total=2))
+        sched = PriorityScheduler(qs(window=1, max_queued_total=2))
         await sched.acquire(P.LOW, 1)
         lows = [asyncio.create_task(sched.acquire(P.LOW, 5)) for _ in range(2)]
         await asyncio.sleep(0)
@@ -280,7 +286,7 @@ def test_overload_sheds_low_to_admit_high():
 
 def test_deadline_while_queued_frees_the_place():
     async def scenario():
-        sched = PriorityScheduler(QueueSettings(max_in_flight=1))
+        sched = PriorityScheduler(qs(window=1))
         await sched.acquire(P.HIGH, 1)
         with pytest.raises(QueueTimeout):
             await sched.acquire(P.MEDIUM, 0.05)
@@ -300,7 +306,7 @@ class Clock:
         return self.now
 
 
-def test_circuit_opens_after_consecutive_failures_and_probes():
+def test_circuit_opens_after_consecutive_faults_and_the_router_probes_it():
     clock = Clock()
     breaker = CircuitBreaker(CircuitSettings(failure_threshold=3, open_s=10), clock)
     for _ in range(2):
@@ -309,32 +315,19 @@ def test_circuit_opens_after_consecutive_failures_and_probes():
     for _ in range(3):
         assert breaker.try_pass() is None
         breaker.record_failure()
-    assert breaker.state is CircuitState.OPEN
+    assert breaker.state is CircuitState.OPEN and not breaker.probe_due()
     clock.now = 4.2
     assert breaker.try_pass() == 6  # Retry-After: the seconds left, rounded up
     clock.now = 10.5
     assert breaker.state is CircuitState.HALF_OPEN
-    assert breaker.try_pass() is None  # the one probe
-    assert breaker.try_pass() is not None  # others wait for it
+    assert breaker.try_pass() is not None  # clients never probe; the router does
+    assert breaker.probe_due()
+    breaker.begin_probe()
+    assert not breaker.probe_due()  # one probe at a time
     breaker.record_failure()
     assert breaker.state is CircuitState.OPEN
     clock.now = 21
-    assert breaker.try_pass() is None
+    assert breaker.probe_due()
+    breaker.begin_probe()
     breaker.record_success()
     assert breaker.state is CircuitState.CLOSED and breaker.try_pass() is None
-
-
-# --- deadlines -------------------------------------------------------------------
-
-from deployments.router.deadlines import decide_timeout_s  # noqa: E402
-
-
-def test_client_may_shorten_but_not_extend_the_deadline():
-    assert decide_timeout_s(30, None) == 30
-    assert decide_timeout_s(30, "2.5") == 2.5
-    assert decide_timeout_s(30, "600") == 30
-
-
-@pytest.mark.parametrize("header", ["0", "-1", "soon", "nan", "inf-"])
-def test_bad_timeout_header(header):
-    assert isinstance(decide_timeout_s(30, header), RequestProblem)

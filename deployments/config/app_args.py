@@ -73,15 +73,21 @@ class AppArgs(BaseModel):
 
     def queue_settings(self, profile: Profile) -> QueueSettings:
         """The router's queue settings for pools of this profile: app-wide ones, then the profile's."""
-        base = self.router.queues.model_dump()
-        for key, value in profile.router_queues.items():
-            base[key] = {**base[key], **value} if isinstance(base.get(key), dict) and isinstance(value, dict) else value
-        return QueueSettings.model_validate(base)
+        return QueueSettings.model_validate(_merged(self.router.queues.model_dump(), profile.router_queues))
 
     @property
     def primary(self) -> Profile:
         """The first pool's profile: the served model's name and tokenizer come from it."""
         return self.pools[0].profile
+
+
+def _merged(base: dict, overrides: dict) -> dict:
+    """``overrides`` on top of ``base``, key by key at every depth (a profile may change one class's SLO)."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        both_dicts = isinstance(merged.get(key), dict) and isinstance(value, dict)
+        merged[key] = _merged(merged[key], value) if both_dicts else value
+    return merged
 
 
 def load_serve_config(path: Path = SERVE_CONFIG_PATH) -> dict:

@@ -1,9 +1,12 @@
-"""Decide whether requests may reach the replicas at all.
+"""Decide whether requests may reach a pool's replicas at all.
 
-Closed: everything passes. After ``failure_threshold`` consecutive failures it
-opens: callers get 503 with Retry-After at once instead of piling onto a dead
-deployment. After ``open_s`` it is half-open: one probe passes; its success
-closes the circuit, its failure opens it again.
+Closed: everything passes. After ``failure_threshold`` consecutive *faults*
+(replica errors, engine death, stalls; never overload: a 429 or a deadline
+expiry says the service is busy, not broken) it opens: callers get 503 with
+Retry-After at once instead of piling onto a dead deployment. After
+``open_s`` it is half-open and the router sends one probe of its own (a
+one-token request, router/pool.py), so a pool recovers without client
+traffic: the probe's success closes the circuit, its failure opens it again.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ class CircuitBreaker:
         self._clock = clock
         self._failures = 0
         self._opened_at: float | None = None
-        self._probe_in_flight = False
+        self._probing = False
 
     @property
     def state(self) -> CircuitState:
@@ -39,27 +42,30 @@ class CircuitBreaker:
         return CircuitState.HALF_OPEN
 
     def try_pass(self) -> int | None:
-        """None if the request may go on; else the Retry-After seconds for a 503."""
-        state = self.state
-        if state is CircuitState.CLOSED:
-            return None
-        if state is CircuitState.HALF_OPEN and not self._probe_in_flight:
-            self._probe_in_flight = True
+        """None if a client request may go on; else the Retry-After seconds for a 503."""
+        if self.state is CircuitState.CLOSED:
             return None
         remaining = self._settings.open_s - (self._clock() - self._opened_at)
         return max(1, math.ceil(remaining))
 
+    def probe_due(self) -> bool:
+        """Half-open and no probe out: the router should send its one-token probe now."""
+        return self.state is CircuitState.HALF_OPEN and not self._probing
+
+    def begin_probe(self) -> None:
+        self._probing = True
+
     def record_success(self) -> None:
         self._failures = 0
         self._opened_at = None
-        self._probe_in_flight = False
+        self._probing = False
 
     def record_failure(self) -> None:
+        """A fault: a replica error, a dead engine, a stall, or a failed probe."""
         self._failures += 1
-        if self._probe_in_flight or self._failures >= self._settings.failure_threshold:
+        if self._probing or self._failures >= self._settings.failure_threshold:
             self._opened_at = self._clock()
-        self._probe_in_flight = False
+        self._probing = False
 
-    def abandon(self) -> None:
-        """A passed request never reached a replica: free the probe turn, change nothing else."""
-        self._probe_in_flight = False
+    def describe(self) -> dict:
+        return {"state": self.state.value, "consecutive_faults": self._failures}

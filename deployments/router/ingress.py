@@ -3,11 +3,11 @@
 ``OpenAiIngress`` already speaks the OpenAI protocol (vLLM's request and
 response models, SSE streaming, OpenAI-format errors) and reaches the LLM
 replicas through DeploymentHandles; the router extends it rather than copying
-it. Per request it: validates, counts prompt tokens, classifies, picks the
-LLM pool (one unless the layout has several), admits against that pool's
-context, checks the pool's circuit, waits for a slot in the pool's priority
-queues, then forwards under the class deadline. The decisions live in the pure modules beside this
-one; this file only wires them to Serve and Starlette.
+it. This file only does HTTP: per request it validates, counts prompt tokens,
+classifies, picks the LLM pool, admits against that pool's context and sets
+the request's budgets, all decided by the pure modules beside it, and hands
+the resulting ``RequestPlan`` to ``dispatch.RequestLife``, which owns the rest
+of the request's life.
 """
 
 from __future__ import annotations
@@ -15,12 +15,11 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import time
-from typing import AsyncIterator, Callable
+from typing import Callable
 
 from fastapi import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
-from ray.llm._internal.serve.core.configs.openai_api_models import OpenAIHTTPException
 from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS, init
 from ray import serve
 from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
@@ -28,16 +27,16 @@ from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionReq
 
 from deployments.autoscaling.signals import ROUTER_QUEUED, router_queued_metric
 from deployments.router.admission import admit
-from deployments.router.cancellation import CallTracker, TrackingHandle
-from deployments.router.circuit_breaker import CircuitBreaker
+from deployments.router.budgets import TIMEOUT_HEADER, decide_budgets
+from deployments.router.cancellation import TrackingHandle
 from deployments.router.classification import PRIORITY_HEADER, classify
-from deployments.router.deadlines import TIMEOUT_HEADER, decide_timeout_s
-from deployments.router.errors import install_openai_error_handlers, openai_error, sse_error_event
+from deployments.router.dispatch import RequestLife, RequestPlan
+from deployments.router.errors import install_openai_error_handlers, openai_error
+from deployments.router.pool import PoolState
 from deployments.router.pools import PoolRoute, choose_pool, tokens_needed
 from deployments.router.replica_counts import follow_replica_counts
 from deployments.router.request_limits import BodySizeLimit
-from deployments.router.scheduler import PriorityScheduler, QueueFull, QueueTimeout
-from deployments.router.settings import CircuitSettings, PriorityClass, QueueSettings, RouterSettings
+from deployments.router.settings import QueueSettings, RouterSettings
 from deployments.router.tokens import PromptTokenCounter
 from deployments.router.validation import RequestProblem, check_chat_messages
 
@@ -66,23 +65,27 @@ class Router(OpenAiIngress):
         super().__init__(llm_deployments, model_cards, **kwargs)
         self._settings = RouterSettings.model_validate(router_settings)
         self._tokens = PromptTokenCounter(tokenizer_source)
+        model_id = next(iter(model_cards))
         self._pools = {
-            route["name"]: _Pool(PoolRoute.from_dict(route), pool_deployments[route["name"]],
-                                 QueueSettings.model_validate(route["queues"]), self._settings.circuit)
+            route["name"]: PoolState(PoolRoute.from_dict(route), pool_deployments[route["name"]], model_id,
+                                     QueueSettings.model_validate(route["queues"]), self._settings.circuit)
             for route in pool_routes
         }
         self._routes = [pool.route for pool in self._pools.values()]
-        self._replica_watch: asyncio.Task | None = None
+        self._background: list[asyncio.Task] = []
 
-    def _follow_replicas(self) -> None:
-        """Start (once, on the replica's event loop) keeping each pool's window sized to its replicas."""
-        if self._replica_watch is None:
-            self._replica_watch = asyncio.create_task(
-                follow_replica_counts(serve.get_replica_context().app_name, self._apply_replica_counts))
+    def _start_background(self) -> None:
+        """Start (once, on the replica's event loop) the pool watches and the replica-count follower."""
+        if not self._background:
+            app_name = serve.get_replica_context().app_name
+            self._background = [asyncio.create_task(pool.watch()) for pool in self._pools.values()]
+            self._background.append(asyncio.create_task(follow_replica_counts(app_name, self._apply_replica_counts)))
 
     def _apply_replica_counts(self, counts: dict) -> None:
+        routers = counts.get(serve.get_replica_context().deployment, 1)
         for pool in self._pools.values():
             pool.scheduler.set_replicas(counts.get(pool.handle.deployment_name, 1))
+            pool.set_router_replicas(routers)
 
     # --- endpoints ---------------------------------------------------------------
 
@@ -96,18 +99,23 @@ class Router(OpenAiIngress):
         return await self._serve(body, request, "completions", lambda: self._tokens.completion(body.prompt))
 
     async def health(self) -> JSONResponse:
-        """Ready when every pool's replicas answer their engine health check."""
-        unhealthy, pools = {}, {}
+        """200 when every pool is ready (its engine answered a real request) and its circuit closed; else 503."""
+        self._start_background()
+        problems, pools = {}, {}
         for name, pool in self._pools.items():
+            pools[name] = pool.describe()
+            unavailable = pool.unavailable()
+            if unavailable is not None:
+                problems[name] = unavailable[0]
+                continue
             try:
                 await pool.handle.check_health.remote()
-                engine_load = await pool.handle.engine_load.remote()  # one replica's view
+                pools[name]["engine_load"] = await pool.handle.engine_load.remote()  # one replica's view
             except Exception as exc:  # any failure means "not ready", reported, not raised
-                unhealthy[name] = f"{type(exc).__name__}: {exc}"[:500]
-                continue
-            pools[name] = pool.describe() | {"engine_load": engine_load}
-        if unhealthy:
-            return openai_error(503, f"model replicas unhealthy: {unhealthy}")
+                problems[name] = f"{type(exc).__name__}: {exc}"[:500]
+        if problems:
+            reasons = "; ".join(problems.values())
+            return openai_error(503, f"not ready: {reasons}", headers={"retry-after": "5"})
         return JSONResponse({"status": "ok", "models": sorted(self._model_cards), "pools": pools})
 
     def _get_configured_serve_handle(self, model_id: str):
@@ -117,184 +125,56 @@ class Router(OpenAiIngress):
 
     async def record_autoscaling_stats(self) -> dict:
         """Queued requests per pool, for the application's autoscaling policy."""
-        self._follow_replicas()
+        self._start_background()
         per_pool = {router_queued_metric(name): float(pool.queued) for name, pool in self._pools.items()}
         return {ROUTER_QUEUED: sum(per_pool.values()), **per_pool}
 
     # --- the pipeline ------------------------------------------------------------
 
     async def _serve(self, body, request: Request, call_method: str, count_tokens: Callable[[], int]) -> Response:
-        headers = {"x-request-id": request.state.request_id}
-        self._follow_replicas()
+        arrived_at = time.monotonic()
+        self._start_background()
         await self._get_model_id(body.model)  # unknown model: 404 before any work
         # Tokenising a 1 MB prompt takes a while; keep the event loop free.
         prompt_tokens = await asyncio.to_thread(count_tokens)
-        decided = self._classify_and_admit(body, request, prompt_tokens)
-        if isinstance(decided, RequestProblem):
-            return _problem_response(decided, request)
-        body, cls, admitted, pool = decided
-        timeout_s = decide_timeout_s(pool.queue_settings.timeouts_s[cls.label], request.headers.get(TIMEOUT_HEADER))
-        if isinstance(timeout_s, RequestProblem):
-            return _problem_response(timeout_s, request)
-        headers["x-priority-class"] = cls.label
-        headers["x-llm-pool"] = pool.route.name
-        headers["x-prompt-tokens"] = str(prompt_tokens)
-        headers["x-max-tokens-applied"] = str(admitted.max_tokens)
+        planned = self._plan(body, request, prompt_tokens, arrived_at)
+        if isinstance(planned, RequestProblem):
+            return _problem_response(planned, request)
+        body, plan = planned
+        _CHOSEN_POOL.set(plan.pool)
+        return await RequestLife(plan, self._pools[plan.pool]).run(
+            lambda: self._process_llm_request(body, call_method=call_method, raw_request=request))
 
-        retry_after = pool.circuit.try_pass()
-        if retry_after is not None:
-            return openai_error(503, f"model replicas of pool {pool.route.name!r} are failing; circuit open",
-                                headers=headers | {"retry-after": str(retry_after)})
-        outcome = _Outcome(pool.circuit)
-        _CHOSEN_POOL.set(pool.route.name)
-        try:
-            return await self._dispatch(body, request, call_method, cls, timeout_s, headers, outcome, pool)
-        finally:
-            outcome.abandon_if_unsettled()
-
-    def _classify_and_admit(self, body, request: Request, prompt_tokens: int):
+    def _plan(self, body, request: Request, prompt_tokens: int, arrived_at: float):
+        """(the body to send, its RequestPlan), or the RequestProblem that answers it with a 4xx."""
         classification = classify(prompt_tokens, request.headers.get(PRIORITY_HEADER), self._settings.classification)
         if isinstance(classification, RequestProblem):
             return classification
+        cls = classification.priority
         fields = {name: getattr(body, name, None) for name in SAMPLING_FIELDS}
         fields["max_tokens"] = getattr(body, "max_completion_tokens", None) or body.max_tokens
         admission = self._settings.admission
         needed = tokens_needed(prompt_tokens, fields["max_tokens"], admission.max_tokens_cap)
-        pool = self._pools[choose_pool(classification.priority, needed, self._routes).name]
+        pool = self._pools[choose_pool(cls, needed, self._routes).name]
         admitted = admit(fields, prompt_tokens, pool.route.max_model_len, admission)
         if isinstance(admitted, RequestProblem):
             return admitted
+        queues = pool.queue_settings
+        budgets = decide_budgets(queues.targets(cls), queues, admitted.max_tokens, arrived_at,
+                                 request.headers.get(TIMEOUT_HEADER))
+        if isinstance(budgets, RequestProblem):
+            return budgets
         updates = dict(admitted.updates)
         if hasattr(body, "max_completion_tokens"):
             updates["max_completion_tokens"] = admitted.max_tokens
         if pool.route.engine_priority:
-            updates["priority"] = int(classification.priority)
-        return body.model_copy(update=updates), classification.priority, admitted, pool
-
-    async def _dispatch(self, body, request, call_method, cls: PriorityClass, timeout_s: float, headers, outcome,
-                        pool: "_Pool") -> Response:
-        deadline = time.monotonic() + timeout_s
-        scheduler = pool.scheduler
-        try:
-            waited = await scheduler.acquire(cls, timeout_s)
-        except QueueFull as full:
-            retry = {"retry-after": str(pool.queue_settings.retry_after_s)}
-            return openai_error(429, f"{full}; retry later", headers=headers | retry)
-        except QueueTimeout as late:
-            return openai_error(504, f"deadline of {timeout_s:.0f}s passed: {late}", headers=headers)
-        headers["x-queue-wait-ms"] = f"{waited * 1000:.0f}"
-        slot = _Slot(scheduler, cls)
-        calls = CallTracker()
-        try:
-            async with asyncio.timeout(deadline - time.monotonic()):
-                response = await self._process_llm_request(body, call_method=call_method, raw_request=request)
-        except TimeoutError:
-            calls.cancel_all()  # the replica's request is cancelled; vLLM aborts it
-            slot.release()
-            outcome.settle(ok=False)
-            return openai_error(504, f"deadline of {timeout_s:.0f}s passed while generating", headers=headers)
-        except OpenAIHTTPException as exc:
-            slot.release()
-            outcome.settle(ok=exc.status_code < 500)
-            return openai_error(exc.status_code, exc.message, exc.type, headers=headers)
-        except Exception as exc:
-            slot.release()
-            outcome.settle(ok=False)
-            return openai_error(503, f"model replicas unavailable: {type(exc).__name__}", headers=headers | {"retry-after": "1"})
-        except BaseException:  # client went away (CancelledError): free the slot, settle nothing
-            calls.cancel_all()
-            slot.release()
-            raise
-        finally:
-            calls.detach()
-        if isinstance(response, StreamingResponse):
-            response.body_iterator = _guard_stream(response.body_iterator, deadline, timeout_s, slot, outcome, calls)
-        else:
-            slot.release()
-            outcome.settle(ok=True)
-        response.headers.update(headers)
-        return response
-
-
-class _Pool:
-    """One LLM deployment behind the router, with its own queues, window and circuit."""
-
-    def __init__(self, route: PoolRoute, handle, queues: QueueSettings, circuit: CircuitSettings):
-        self.route, self.handle = route, handle
-        self.streaming_handle = handle.options(stream=True)
-        self.queue_settings = queues
-        self.scheduler = PriorityScheduler(queues)
-        self.circuit = CircuitBreaker(circuit)
-
-    @property
-    def queued(self) -> int:
-        return sum(self.scheduler.depths().values())
-
-    def describe(self) -> dict:
-        return {"classes": sorted(self.route.classes), "max_model_len": self.route.max_model_len,
-                "circuit": self.circuit.state.value, "queued": self.scheduler.depths(),
-                "in_flight": self.scheduler.in_flight, "replicas": self.scheduler.replicas}
-
-
-class _Slot:
-    """A concurrency-window slot, released exactly once."""
-
-    def __init__(self, scheduler: PriorityScheduler, cls: PriorityClass):
-        self._scheduler, self._cls, self._held = scheduler, cls, True
-
-    def release(self) -> None:
-        if self._held:
-            self._held = False
-            self._scheduler.release(self._cls)
-
-
-class _Outcome:
-    """Reports one request's result to the circuit breaker exactly once."""
-
-    def __init__(self, circuit: CircuitBreaker):
-        self._circuit, self._settled, self._streaming = circuit, False, False
-
-    def settle(self, ok: bool) -> None:
-        if not self._settled:
-            self._settled = True
-            (self._circuit.record_success if ok else self._circuit.record_failure)()
-
-    def hand_over_to_stream(self) -> None:
-        self._streaming = True
-
-    def abandon_if_unsettled(self) -> None:
-        # A request that never reached a replica (rejected, queued out, client
-        # gone) says nothing about the replicas; only give back a probe turn.
-        if not self._settled and not self._streaming:
-            self._settled = True
-            self._circuit.abandon()
-
-
-async def _guard_stream(
-    chunks: AsyncIterator[str], deadline: float, timeout_s: float, slot: _Slot, outcome: _Outcome, calls: CallTracker
-):
-    """Enforce the deadline between chunks; free the slot however the stream ends."""
-    outcome.hand_over_to_stream()
-    completed = False
-    try:
-        while True:
-            try:
-                chunk = await asyncio.wait_for(anext(chunks), deadline - time.monotonic())
-            except StopAsyncIteration:
-                completed = True
-                outcome.settle(ok=True)
-                return
-            except TimeoutError:
-                outcome.settle(ok=False)
-                yield sse_error_event(504, f"deadline of {timeout_s:.0f}s passed while streaming")
-                yield "data: [DONE]\n\n"
-                return
-            yield chunk
-    finally:
-        slot.release()
-        if not completed:  # deadline or client gone: the replica aborts the request
-            calls.cancel_all()
-        await chunks.aclose()
+            updates["priority"] = int(cls)
+        headers = {"x-request-id": request.state.request_id, "x-priority-class": cls.label,
+                   "x-llm-pool": pool.route.name, "x-prompt-tokens": str(prompt_tokens),
+                   "x-max-tokens-applied": str(admitted.max_tokens)}
+        plan = RequestPlan(cls=cls, pool=pool.route.name, max_tokens=admitted.max_tokens, budgets=budgets, stream=bool(getattr(body, "stream", False)),
+                           headers=headers)
+        return body.model_copy(update=updates), plan
 
 
 def _problem_response(problem: RequestProblem, request: Request) -> JSONResponse:

@@ -1,8 +1,8 @@
 """Bounded per-class queues and a concurrency window toward the replicas.
 
 The router, not an unbounded engine queue, decides the order: at most
-``max_in_flight`` requests per running LLM replica run at once; the rest wait
-here, high before medium before low, first-come-first-served within a class. A share of the window is
+``window`` requests per running LLM replica run at once (the window is
+adaptive, router/window.py, and set from outside); the rest wait here, high before medium before low, first-come-first-served within a class. A share of the window is
 kept for high requests, so a flood of low ones can never take every slot, and
 a class may be set to yield to high: it starts only in the gaps between them.
 Decisions are the pure functions at the top; ``PriorityScheduler`` is the
@@ -36,21 +36,28 @@ class QueueTimeout(Exception):
     """The deadline passed while waiting: 504."""
 
 
-def reserved_slots(settings: QueueSettings) -> int:
+def reserved_slots(window: int, settings: QueueSettings) -> int:
     # Keep at least one slot usable by every class.
-    return min(math.ceil(settings.max_in_flight * settings.reserved_for_high), settings.max_in_flight - 1)
+    return min(math.ceil(window * settings.reserved_for_high), window - 1)
+
+
+def limit_for(cls: PriorityClass, window: int, settings: QueueSettings, replicas: int = 1) -> int:
+    """How many requests may run at once when ``cls`` wants to start: the window, less the high reserve."""
+    replicas = max(1, replicas)
+    limit = window * replicas
+    if cls is not PriorityClass.HIGH:
+        limit -= reserved_slots(window, settings) * replicas
+    return limit
 
 
 def may_start(cls: PriorityClass, in_flight: int, settings: QueueSettings, class_in_flight: int = 0,
-              high_active: int = 0, replicas: int = 1) -> bool:
+              high_active: int = 0, replicas: int = 1, window: int = 8) -> bool:
     """Within the window (less the high reserve for other classes), the class's own cap,
     and, for a class that yields to high, only while fewer high requests run or wait
     than its threshold. Window, reserve, caps and thresholds are per LLM replica:
     a scaled-up pool takes more at once."""
     replicas = max(1, replicas)
-    limit = settings.max_in_flight * replicas
-    if cls is not PriorityClass.HIGH:
-        limit -= reserved_slots(settings) * replicas
+    limit = limit_for(cls, window, settings, replicas)
     yield_below = settings.yield_to_high.get(cls.label)
     if yield_below is not None and high_active >= yield_below * replicas:
         return False
@@ -79,6 +86,16 @@ class PriorityScheduler:
         self._queues: dict[PriorityClass, deque[_Waiter]] = {c: deque() for c in PriorityClass}
         self._running: dict[PriorityClass, int] = {c: 0 for c in PriorityClass}
         self._replicas = 1
+        self._window = settings.window.initial
+
+    @property
+    def window(self) -> int:
+        return self._window
+
+    def set_window(self, per_replica: int) -> None:
+        """The adaptive window per LLM replica (router/window.py)."""
+        self._window = max(1, per_replica)
+        self._dispatch()
 
     @property
     def replicas(self) -> int:
@@ -95,7 +112,26 @@ class PriorityScheduler:
 
     def _may_start(self, cls: PriorityClass) -> bool:
         high_active = self._running[PriorityClass.HIGH] + len(self._queues[PriorityClass.HIGH])
-        return may_start(cls, self.in_flight, self._settings, self._running[cls], high_active, self._replicas)
+        return may_start(cls, self.in_flight, self._settings, self._running[cls], high_active, self._replicas,
+                         self._window)
+
+    def ahead_of(self, cls: PriorityClass) -> int:
+        """Requests that start before a new one of ``cls``: those queued in it and in more urgent classes."""
+        return sum(len(self._queues[c]) for c in PriorityClass if c <= cls)
+
+    def slots_for(self, cls: PriorityClass) -> int:
+        """How many requests of ``cls`` can run at once: the window less the reserve, within the class's cap."""
+        slots = limit_for(cls, self._window, self._settings, self._replicas)
+        cap = self._settings.max_in_flight_per_class.get(cls.label)
+        return slots if cap is None else min(slots, cap * self._replicas)
+
+    def free_slots(self, cls: PriorityClass) -> int:
+        """Slots a new request of ``cls`` could take now (0 when its cap or a yield holds it back)."""
+        if not self._may_start(cls):
+            return 0
+        free = limit_for(cls, self._window, self._settings, self._replicas) - self.in_flight
+        cap = self._settings.max_in_flight_per_class.get(cls.label)
+        return free if cap is None else min(free, cap * self._replicas - self._running[cls])
 
     def _start(self, cls: PriorityClass) -> None:
         self._running[cls] += 1
@@ -165,6 +201,6 @@ class PriorityScheduler:
                     continue
                 self._start(cls)
                 waiter.future.set_result(None)
-            if queue and self.in_flight >= self._settings.max_in_flight * self._replicas:
+            if queue and self.in_flight >= self._window * self._replicas:
                 return  # window full: nothing below may start either
             # A class held back only by its own cap does not block the classes below.

@@ -1,7 +1,10 @@
 """Every number the router decides with, read from serve_config.yaml (`args.router`).
 
-Defaults follow the seed: 30 s deadlines, max_tokens capped at 2048, sampling
-temperature 0.7 / top_p 0.9 / repetition_penalty 1.1.
+Defaults follow the seed and web chat: SLO first token under 1 s for high
+(3 s medium, 60 s low) and at least 20 tokens/s (50 ms per token) for all;
+30 s start deadlines for high and medium, 10 minutes for low (the seed's
+asynchronous class); max_tokens capped at 2048; sampling temperature 0.7 /
+top_p 0.9 / repetition_penalty 1.1.
 """
 
 from __future__ import annotations
@@ -63,13 +66,59 @@ class AdmissionSettings(_Strict):
     )
 
 
+class ClassTargets(_Strict):
+    """One priority class's service-level objective and its start deadline: two different things.
+
+    The SLO scores goodput (a request counts when its TTFT and its time per
+    output token both meet it); the start deadline is the longest a request may
+    wait for its first token before it is refused or ended.
+    """
+
+    ttft_s: float = Field(gt=0, description="SLO: time to first token, seconds")
+    tpot_s: float = Field(gt=0, description="SLO: time per output token after the first, seconds")
+    start_deadline_s: float = Field(gt=0, description="queue wait + first token may not exceed this, seconds")
+
+
+def _targets(ttft_s, tpot_s, start_deadline_s):
+    return {"ttft_s": ttft_s, "tpot_s": tpot_s, "start_deadline_s": start_deadline_s}
+
+
+class WindowSettings(_Strict):
+    """The adaptive concurrency window toward a pool, per running LLM replica (router/window.py).
+
+    It grows while the engine's measured time per output token stays below
+    ``grow_below`` x the tightest class TPOT SLO and the window is in use, and
+    shrinks as soon as it is above the SLO or the KV cache is nearly full.
+    """
+
+    initial: int = Field(4, ge=1, description="requests per replica before anything is measured")
+    min: int = Field(1, ge=1)
+    max: int = Field(256, ge=1, description="sanity bound; vLLM's own max_num_seqs is 256 by default")
+    grow_below: float = Field(0.8, gt=0, lt=1, description="grow while TPOT < this share of the SLO")
+    increase: float = Field(1.25, gt=1, description="multiplicative growth per measurement with room")
+    decrease: float = Field(0.8, gt=0, lt=1, description="multiplicative cut per measurement over the SLO")
+    kv_cache_high: float = Field(0.95, gt=0, le=1, description="KV-cache usage at which the window stops growing")
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if not self.min <= self.initial <= self.max:
+            raise ValueError("window: need min <= initial <= max")
+        return self
+
+
 class QueueSettings(_Strict):
-    capacity: Dict[str, int] = _per_class(64, 32, 16)
-    max_queued_total: int = Field(96, gt=0, description="beyond this, lower classes are shed first")
-    max_in_flight: int = Field(8, gt=0, description="concurrency window toward a pool, per running LLM replica")
+    classes: Dict[str, ClassTargets] = Field(
+        default_factory=lambda: {"high": _targets(1.0, 0.05, 30.0), "medium": _targets(3.0, 0.05, 30.0),
+                                 "low": _targets(60.0, 0.05, 600.0)},
+        description="per class: SLO (ttft_s, tpot_s) and start deadline",
+        validate_default=True,
+    )
+    capacity: Dict[str, int] = _per_class(256, 256, 256)
+    max_queued_total: int = Field(512, gt=0, description="beyond this, lower classes are shed first")
+    window: WindowSettings = Field(default_factory=WindowSettings)
     reserved_for_high: float = Field(0.25, ge=0, lt=1, description="share of the window only high may use")
     max_in_flight_per_class: Dict[str, int] = Field(
-        default_factory=lambda: {"high": 8, "medium": 4, "low": 2},
+        default_factory=lambda: {"low": 2},
         description="cap per class inside the window, per running LLM replica: long prompts steal "
                     "every engine step's compute",
     )
@@ -78,13 +127,33 @@ class QueueSettings(_Strict):
         description="class: it starts only while fewer high requests than this (per LLM replica) run or "
                     "wait; 1 = only in the gaps between high requests",
     )
-    timeouts_s: Dict[str, float] = _per_class(30.0, 30.0, 30.0)
-    retry_after_s: int = Field(2, ge=1, description="Retry-After on a full queue")
+    admit_within: float = Field(
+        0.8, gt=0, le=1, description="admit only if the predicted wait is below this share of the start deadline")
+    generation_slack: float = Field(
+        3.0, ge=1, description="generation budget = slack x max_tokens x the class's TPOT SLO")
+    stall_s: float = Field(15.0, gt=0, description="no output for this long after the first token: 504, engine abort")
+
+    @model_validator(mode="after")
+    def _every_class(self):
+        for name in ("classes", "capacity"):
+            missing = {c.label for c in PriorityClass} - set(getattr(self, name))
+            if missing:
+                raise ValueError(f"{name} must name every class; missing {sorted(missing)}")
+        return self
+
+    def targets(self, cls: "PriorityClass") -> ClassTargets:
+        return self.classes[cls.label]
+
+    @property
+    def tightest_tpot_s(self) -> float:
+        return min(t.tpot_s for t in self.classes.values())
 
 
 class CircuitSettings(_Strict):
-    failure_threshold: int = Field(5, ge=1, description="consecutive failures that open the circuit")
-    open_s: float = Field(10.0, gt=0, description="how long it stays open before a half-open probe")
+    failure_threshold: int = Field(5, ge=1, description="consecutive faults (replica errors, engine death, "
+                                                        "stalls) that open the circuit; overload never counts")
+    open_s: float = Field(10.0, gt=0, description="how long it stays open before the router probes it")
+    probe_timeout_s: float = Field(60.0, gt=0, description="a one-token probe slower than this fails")
 
 
 class RouterSettings(_Strict):

@@ -3,8 +3,10 @@
 ``EngineLoadLogger`` is a vLLM stat-logger plugin (entry point group
 ``vllm.stat_logger_plugins`` in pyproject.toml): vLLM instantiates it inside
 the replica process, next to ray.serve.llm's Prometheus logger, and hands it
-every ``SchedulerStats``. It keeps the latest one per engine so the replica can
-answer "how busy is my engine" without scraping Prometheus.
+every ``SchedulerStats`` and ``IterationStats``. It keeps the latest load per
+engine, a smoothed time per output token and a count of generated tokens, so
+the replica can answer "how busy and how fast is my engine" without scraping
+Prometheus (the router's adaptive window feeds on the TPOT).
 """
 
 from __future__ import annotations
@@ -21,25 +23,47 @@ class EngineLoad:
     waiting: int = 0
     kv_cache_usage: float = 0.0
     updated_at: float = 0.0
+    tpot_s: float | None = None      # smoothed mean inter-token latency of recent steps, seconds
+    tpot_at: float = 0.0             # when a step last decoded tokens (time.time())
+    generated_tokens: int = 0        # output tokens generated since the engine started
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
 _latest: dict[int, EngineLoad] = {}
+_tpot: dict[int, tuple[float, float]] = {}   # engine -> (smoothed TPOT s, when)
+_generated: dict[int, int] = {}
+
+# Weight of the newest step in the smoothed TPOT: a handful of steps (tens of
+# ms on a GPU) make up the figure, so it follows load changes within a second.
+_TPOT_WEIGHT = 0.2
 
 
 def current_load() -> EngineLoad:
     """Summed over this process's engines (data-parallel ranks), mean KV usage."""
     loads = list(_latest.values())
+    tpots = list(_tpot.values())
     if not loads:
-        return EngineLoad()
+        return EngineLoad(generated_tokens=sum(_generated.values()))
     return EngineLoad(
         running=sum(l.running for l in loads),
         waiting=sum(l.waiting for l in loads),
         kv_cache_usage=sum(l.kv_cache_usage for l in loads) / len(loads),
         updated_at=max(l.updated_at for l in loads),
+        tpot_s=max(t for t, _ in tpots) if tpots else None,
+        tpot_at=max(at for _, at in tpots) if tpots else 0.0,
+        generated_tokens=sum(_generated.values()),
     )
+
+
+def _step_inter_token_latencies(iteration_stats) -> list[float]:
+    # vLLM renamed the field; both names are read so the GPU stack (vLLM 0.26) works too.
+    for name in ("inter_token_latencies_iter", "time_per_output_tokens_iter"):
+        values = getattr(iteration_stats, name, None)
+        if values is not None:
+            return values
+    return []
 
 
 class EngineLoadLogger(StatLoggerBase):
@@ -47,6 +71,8 @@ class EngineLoadLogger(StatLoggerBase):
         self._engine_index = engine_index
 
     def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+        if iteration_stats is not None:
+            self._record_iteration(iteration_stats, engine_idx)
         if scheduler_stats is None:
             return
         _latest[engine_idx] = EngineLoad(
@@ -55,6 +81,17 @@ class EngineLoadLogger(StatLoggerBase):
             kv_cache_usage=scheduler_stats.kv_cache_usage,
             updated_at=time.time(),
         )
+
+    @staticmethod
+    def _record_iteration(iteration_stats, engine_idx: int) -> None:
+        _generated[engine_idx] = _generated.get(engine_idx, 0) + int(iteration_stats.num_generation_tokens)
+        latencies = _step_inter_token_latencies(iteration_stats)
+        if not latencies:
+            return
+        step = sum(latencies) / len(latencies)
+        previous = _tpot.get(engine_idx)
+        smoothed = step if previous is None else previous[0] + _TPOT_WEIGHT * (step - previous[0])
+        _tpot[engine_idx] = (smoothed, time.time())
 
     def log_engine_initialized(self):
         pass

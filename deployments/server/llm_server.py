@@ -1,9 +1,16 @@
-"""Our LLM replica class (``server_cls``): ray.serve.llm's LLMServer plus load reporting."""
+"""Our LLM replica class (``server_cls``): ray.serve.llm's LLMServer plus warm-up and load reporting.
+
+Warm-up: vLLM's engine reports started before its first generation has run
+(on the CPU engine that first one took over a minute, compiling kernels). The
+replica generates one token for itself before its constructor returns, so
+Serve marks it RUNNING and routes to it only once it really answers.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from ray.serve.llm.deployment import LLMServer
 
@@ -22,8 +29,25 @@ def _worker_gpu_uuid(worker) -> str | None:
     return f"GPU-{torch.cuda.get_device_properties(torch.cuda.current_device()).uuid}"
 
 
+WARM_UP_PROMPT = "Hi"
+
+
 class ObservedLLMServer(LLMServer):
     _gpu_group: list[str] | None = None
+
+    async def start(self):
+        await super().start()
+        await self._warm_up()
+
+    async def _warm_up(self) -> None:
+        from ray.serve.llm.openai_api_models import ChatCompletionRequest
+
+        started = time.monotonic()
+        request = ChatCompletionRequest(model=self._llm_config.model_id, max_tokens=1, temperature=0.0,
+                                        messages=[{"role": "user", "content": WARM_UP_PROMPT}], stream=False)
+        async for _ in await self.chat(request):
+            pass
+        logger.info("engine warmed up: first one-token answer after %.1fs", time.monotonic() - started)
 
     async def record_autoscaling_stats(self) -> dict:
         """Serve's custom autoscaling metrics for this replica (see deployments/autoscaling)."""

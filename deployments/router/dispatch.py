@@ -1,0 +1,193 @@
+"""One admitted request's life in the router, from the door to the last byte, in one place.
+
+``RequestPlan`` is what the HTTP layer decided (class, pool, budgets, the
+headers to send); ``RequestLife.run`` carries it out: it refuses at once what
+cannot be served in time (loading pool, open circuit, predicted wait beyond
+the start deadline), waits for a window slot, calls the replica under the
+start deadline, then guards a stream with the generation budget and the stall
+timeout. It alone releases the slot, cancels the engine work when the router
+gives up, and tells the circuit what happened:
+
+=====================================  ==========  ===========================
+what happened                          status      circuit
+=====================================  ==========  ===========================
+served                                 200         success
+refused: loading / circuit / predicted 503 / 429   -
+start deadline passed in the queue     504         - (no engine work was spent)
+start deadline passed in prefill       504         - (aborted in the engine)
+generation budget passed               504         - (aborted in the engine)
+no output for ``stall_s``              504         fault (aborted)
+replica error / dead engine            503 / 5xx   fault
+client error reported by the engine    4xx         -
+client went away                       -           - (aborted in the engine)
+=====================================  ==========  ===========================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Awaitable, Callable
+
+from starlette.responses import Response, StreamingResponse
+
+from ray.llm._internal.serve.core.configs.openai_api_models import OpenAIHTTPException
+
+from deployments.router.budgets import Budgets
+from deployments.router.cancellation import CallTracker
+from deployments.router.errors import openai_error, sse_error_event
+from deployments.router.forecast import admits
+from deployments.router.pool import PoolState
+from deployments.router.scheduler import QueueFull, QueueTimeout
+from deployments.router.settings import PriorityClass
+
+
+@dataclass
+class RequestPlan:
+    """What the HTTP layer decided for one request; ``headers`` go on every answer."""
+
+    cls: PriorityClass
+    pool: str
+    max_tokens: int
+    budgets: Budgets
+    stream: bool
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class _Slot:
+    """A window slot, released exactly once."""
+
+    def __init__(self, pool: PoolState, cls: PriorityClass):
+        self._pool, self._cls, self._held = pool, cls, True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._pool.scheduler.release(self._cls)
+
+
+class RequestLife:
+    """Runs one ``RequestPlan`` against its pool. ``call`` makes the replica call and returns its Response."""
+
+    def __init__(self, plan: RequestPlan, pool: PoolState, clock: Callable[[], float] = time.monotonic):
+        self.plan, self.pool, self._clock = plan, pool, clock
+        self._settings = pool.queue_settings
+
+    def _error(self, status: int, message: str, error_type: str | None = None, **extra_headers) -> Response:
+        return openai_error(status, message, error_type, headers=self.plan.headers | extra_headers)
+
+    async def run(self, call: Callable[[], Awaitable[Response]]) -> Response:
+        refused = self._refusal()
+        if refused is not None:
+            return refused
+        waited = await self._acquire()
+        if isinstance(waited, Response):
+            return waited
+        self.plan.headers["x-queue-wait-ms"] = f"{waited * 1000:.0f}"
+        self._started_at = self._clock()
+        return await self._call(call, _Slot(self.pool, self.plan.cls))
+
+    def _refusal(self) -> Response | None:
+        """503 while the pool cannot serve at all; 429 when it could not start this request in time."""
+        unavailable = self.pool.unavailable()
+        if unavailable is not None:
+            reason, retry_after = unavailable
+            return self._error(503, reason, **{"retry-after": str(retry_after)})
+        forecast = self.pool.forecast(self.plan.cls, self.plan.max_tokens)
+        start_s = self.plan.budgets.start_by - self._clock()
+        if not admits(forecast, start_s, self._settings.admit_within):
+            return self._error(
+                429, f"the {self.plan.cls.label} class would wait about {forecast.seconds:.1f}s to start, beyond "
+                     f"its start deadline of {start_s:.0f}s; retry later",
+                **{"retry-after": str(forecast.retry_after_s)})
+        return None
+
+    async def _acquire(self) -> float | Response:
+        start_s = self.plan.budgets.start_by - self._clock()
+        try:
+            return await self.pool.scheduler.acquire(self.plan.cls, start_s)
+        except QueueFull as full:
+            forecast = self.pool.forecast(self.plan.cls, self.plan.max_tokens)
+            return self._error(429, f"{full}; retry later", **{"retry-after": str(forecast.retry_after_s)})
+        except QueueTimeout as late:
+            return self._error(504, f"start deadline of {self.plan.budgets.start_deadline_s:.0f}s passed while "
+                                    f"queued ({late}); no engine work was spent")
+
+    async def _call(self, call: Callable[[], Awaitable[Response]], slot: _Slot) -> Response:
+        budgets = self.plan.budgets
+        # A stream's call returns at its first token; a whole response only at its end.
+        deadline = budgets.start_by if self.plan.stream else budgets.finish_by(budgets.start_by)
+        calls = CallTracker()
+        try:
+            async with asyncio.timeout(max(0.0, deadline - self._clock())):
+                response = await call()
+        except TimeoutError:
+            calls.cancel_all()  # the replica's request is cancelled; vLLM aborts it
+            slot.release()
+            what = "start deadline" if self.plan.stream else "deadline"
+            return self._error(504, f"{what} of {deadline - budgets.arrived_at:.0f}s passed before the answer; "
+                                    "the engine request was aborted")
+        except OpenAIHTTPException as exc:
+            slot.release()
+            if exc.status_code >= 500:
+                self.pool.circuit.record_failure()
+            return self._error(exc.status_code, exc.message, exc.type)
+        except Exception as exc:  # the replica or its engine failed
+            calls.cancel_all()
+            slot.release()
+            self.pool.circuit.record_failure()
+            return self._error(503, f"model replicas unavailable: {type(exc).__name__}", **{"retry-after": "1"})
+        except BaseException:  # client went away (CancelledError): free the slot, abort, settle nothing
+            calls.cancel_all()
+            slot.release()
+            raise
+        finally:
+            calls.detach()
+        if isinstance(response, StreamingResponse):
+            response.body_iterator = self._guard_stream(response.body_iterator, slot, calls)
+        else:
+            slot.release()
+            self._served()
+        response.headers.update(self.plan.headers)
+        return response
+
+    def _served(self) -> None:
+        self.pool.circuit.record_success()
+        self.pool.service[self.plan.cls].record(self._clock() - self._started_at)
+
+    async def _guard_stream(self, chunks: AsyncIterator[str], slot: _Slot, calls: CallTracker):
+        """Enforce the generation budget and the stall timeout between chunks; clean up however it ends."""
+        budgets = self.plan.budgets
+        finish_by = budgets.finish_by(self._clock())
+        completed = False
+        try:
+            while True:
+                left = finish_by - self._clock()
+                try:
+                    chunk = await asyncio.wait_for(anext(chunks), max(0.0, min(left, budgets.stall_s)))
+                except StopAsyncIteration:
+                    completed = True
+                    self._served()
+                    return
+                except TimeoutError:
+                    if left <= budgets.stall_s:
+                        message = (f"generation budget of {finish_by - budgets.arrived_at:.0f}s passed "
+                                   "(max_tokens at the class's per-token SLO, with slack)")
+                    else:
+                        self.pool.circuit.record_failure()  # a stall is a fault, not load
+                        message = f"no output for {budgets.stall_s:.0f}s; the engine request was aborted"
+                    yield sse_error_event(504, message)
+                    yield "data: [DONE]\n\n"
+                    return
+                except Exception as exc:  # the replica died mid-stream
+                    self.pool.circuit.record_failure()
+                    yield sse_error_event(503, f"model replica failed mid-stream: {type(exc).__name__}")
+                    yield "data: [DONE]\n\n"
+                    return
+                yield chunk
+        finally:
+            slot.release()
+            if not completed:  # budget, stall or client gone: the replica aborts the request
+                calls.cancel_all()
+            await chunks.aclose()

@@ -1,0 +1,66 @@
+"""When would a new request start? The router's answer, before it admits one.
+
+Admission refuses a request at the door (429, with that prediction as an
+honest Retry-After) when it could not start within its class's start deadline,
+instead of letting it queue, burn engine time and expire. The prediction uses
+what the router measures: how long a request of the class holds its slot
+(``ServiceMeter``; before the first completion, its ``max_tokens`` at the
+class's per-token SLO), how many slots run, and how many requests must start
+before this one.
+
+Pure: no Ray, no asyncio.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+# Weight of the newest completion in the mean service time: about the last ten
+# completions make the figure, so it follows a change of load quickly.
+_WEIGHT = 0.2
+
+
+class ServiceMeter:
+    """Mean seconds a request of one class holds its slot (slot taken -> last token), smoothed.
+
+    Service time, not completion rate: a quiet pool finishes few requests per
+    second because few arrive, not because it is slow, so a rate measured while
+    idle would refuse the next burst. Little's law turns it into a rate: with
+    ``slots`` running, one frees every ``mean / slots`` seconds.
+    """
+
+    def __init__(self) -> None:
+        self.mean_s: float | None = None
+
+    def record(self, service_s: float) -> None:
+        self.mean_s = service_s if self.mean_s is None else self.mean_s + _WEIGHT * (service_s - self.mean_s)
+
+
+@dataclass(frozen=True)
+class WaitForecast:
+    """seconds: predicted wait for a slot (0: starts now)."""
+
+    seconds: float
+
+    @property
+    def retry_after_s(self) -> int:
+        return max(1, math.ceil(self.seconds))
+
+
+def forecast_wait(ahead: int, free_slots: int, slots: int, service_s: float) -> WaitForecast:
+    """Wait of a request with ``ahead`` requests to start before it and ``free_slots`` open now.
+
+    ``slots`` requests run at once, each for ``service_s`` on average, so one
+    slot frees every ``service_s / slots`` seconds; the request starts after
+    ``ahead + 1 - free_slots`` of them.
+    """
+    needed = ahead + 1 - max(0, free_slots)
+    if needed <= 0:
+        return WaitForecast(0.0)
+    return WaitForecast(needed * service_s / max(1, slots))
+
+
+def admits(forecast: WaitForecast, start_deadline_s: float, admit_within: float) -> bool:
+    """Admit when the predicted wait fits the start deadline with margin."""
+    return forecast.seconds <= admit_within * start_deadline_s

@@ -1,0 +1,168 @@
+"""One LLM pool as the router sees it: its queues, window, circuit, readiness and measurements.
+
+Each pool (one LLM deployment) gets a ``PoolState``. A background task per
+pool (``watch``) keeps it honest without client traffic:
+
+- **readiness**: until the pool's engine has answered a real one-token request,
+  the pool is "loading" and requests get 503 at once (a Serve replica can be
+  RUNNING long before its first generation is fast);
+- **engine load**: every ``POLL_S`` it reads the engine's running / waiting
+  requests, KV-cache usage and smoothed time per output token from one replica
+  and feeds the adaptive window (router/window.py);
+- **circuit probe**: when the circuit is half-open it sends the one-token probe
+  itself, so a pool recovers with no client request spent on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from ray.serve.llm.openai_api_models import ChatCompletionRequest
+
+from deployments.router.circuit_breaker import CircuitBreaker, CircuitState
+from deployments.router.forecast import ServiceMeter, WaitForecast, forecast_wait
+from deployments.router.pools import PoolRoute
+from deployments.router.scheduler import PriorityScheduler
+from deployments.router.settings import CircuitSettings, PriorityClass, QueueSettings
+from deployments.router.window import AdaptiveWindow, EngineSample, WindowDecision
+
+logger = logging.getLogger("ray.serve")
+
+# How often the router looks at each pool's engine. One small remote call per
+# pool per interval, off every request's path; fast enough that the window
+# follows a load change within a few seconds.
+POLL_S = 1.0
+# A TPOT older than this many polls describes an engine that stopped decoding.
+_STALE_POLLS = 3
+
+
+class PoolState:
+    """Everything the router keeps for one pool; owned by the Router, one per pool."""
+
+    def __init__(self, route: PoolRoute, handle: Any, model_id: str, queues: QueueSettings,
+                 circuit: CircuitSettings):
+        self.route, self.handle, self.model_id = route, handle, model_id
+        self.streaming_handle = handle.options(stream=True)
+        self.queue_settings = queues
+        self.scheduler = PriorityScheduler(queues)
+        self.circuit = CircuitBreaker(circuit)
+        self.window = AdaptiveWindow(queues.window, queues.tightest_tpot_s)
+        self.service = {cls: ServiceMeter() for cls in PriorityClass}
+        self.ready = False
+        self.not_ready_reason = "the model is loading"
+        self.engine_load: dict = {}
+        self.last_window_decision: WindowDecision | None = None
+        self._probe_timeout_s = circuit.probe_timeout_s
+        self._router_replicas = 1
+
+    @property
+    def queued(self) -> int:
+        return sum(self.scheduler.depths().values())
+
+    def set_router_replicas(self, routers: int) -> None:
+        """With N router replicas each keeps 1/N of the pool's window (and measures its own share)."""
+        self._router_replicas = max(1, routers)
+        self.window.set_share(1 / self._router_replicas)
+        self.scheduler.set_window(self.window.per_replica)
+
+    def forecast(self, cls: PriorityClass, max_tokens: int) -> WaitForecast:
+        """Predicted wait of a new request of ``cls``. Until one of its class has finished, a request is
+        assumed to hold its slot for the class's TTFT SLO plus ``max_tokens`` at its TPOT SLO."""
+        targets = self.queue_settings.targets(cls)
+        service_s = self.service[cls].mean_s or targets.ttft_s + max_tokens * targets.tpot_s
+        return forecast_wait(self.scheduler.ahead_of(cls), self.scheduler.free_slots(cls),
+                             self.scheduler.slots_for(cls), service_s)
+
+    def unavailable(self) -> tuple[str, int] | None:
+        """(reason, Retry-After s) while the pool cannot take requests at all; None when it can."""
+        if not self.ready:
+            return f"pool {self.route.name!r}: {self.not_ready_reason}; retry shortly", max(1, round(POLL_S * 5))
+        retry_after = self.circuit.try_pass()
+        if retry_after is not None:
+            return f"model replicas of pool {self.route.name!r} are failing; circuit open", retry_after
+        return None
+
+    def describe(self) -> dict:
+        decision = self.last_window_decision
+        return {"classes": sorted(self.route.classes), "max_model_len": self.route.max_model_len,
+                "ready": self.ready, "circuit": self.circuit.state.value, "queued": self.scheduler.depths(),
+                "in_flight": self.scheduler.in_flight, "replicas": self.scheduler.replicas,
+                "router_replicas": self._router_replicas,
+                "window_per_replica": self.scheduler.window,
+                "window_reason": decision.reason if decision else None,
+                "service_s": {cls.label: meter.mean_s for cls, meter in self.service.items()}}
+
+    # --- the background watch --------------------------------------------------
+
+    async def watch(self) -> None:
+        """For the router replica's lifetime: readiness, engine load -> window, circuit probes."""
+        while True:
+            try:
+                if not self.ready:
+                    await self._warm_up()
+                elif self.circuit.probe_due():
+                    await self._probe_circuit()
+                await self._poll_engine()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let the watch die; the next round tries again
+                logger.warning("pool %s: watch round failed", self.route.name, exc_info=True)
+            await asyncio.sleep(POLL_S)
+
+    async def _warm_up(self) -> None:
+        error = await self.probe()
+        if error is None:
+            self.ready = True
+            logger.info("pool %s: engine answered its warm-up request; ready", self.route.name)
+        else:
+            self.not_ready_reason = f"the model is loading ({error})"
+
+    async def _probe_circuit(self) -> None:
+        self.circuit.begin_probe()
+        error = await self.probe()
+        if error is None:
+            self.circuit.record_success()
+            logger.info("pool %s: circuit probe answered; circuit closed", self.route.name)
+        else:
+            self.circuit.record_failure()
+            logger.warning("pool %s: circuit probe failed (%s); circuit open again", self.route.name, error)
+
+    async def probe(self) -> str | None:
+        """Send a one-token chat request to the pool; None if it answered, else why not."""
+        request = ChatCompletionRequest(model=self.model_id, messages=[{"role": "user", "content": "Hi"}],
+                                        max_tokens=1, temperature=0.0, stream=False)
+        try:
+            async with asyncio.timeout(self._probe_timeout_s):
+                async for response in self.streaming_handle.chat.remote(request):
+                    items = response if isinstance(response, list) else [response]
+                    for item in items:
+                        if type(item).__name__ == "ErrorResponse":
+                            return f"engine error: {item.error.message}"[:300]
+            return None
+        except TimeoutError:
+            return f"no answer within {self._probe_timeout_s:.0f}s"
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"[:300]
+
+    async def _poll_engine(self) -> None:
+        async with asyncio.timeout(self._probe_timeout_s):
+            load = await self.handle.engine_load.remote()
+        self.engine_load = load
+        tpot = load.get("tpot_s")
+        if tpot is not None and time.time() - load.get("tpot_at", 0) > _STALE_POLLS * POLL_S:
+            tpot = None
+        sample = EngineSample(tpot_s=tpot, kv_cache_usage=float(load.get("kv_cache_usage", 0.0)),
+                              in_use=self.scheduler.in_flight, queued=self.queued)
+        decision = self.window.observe(sample, self.scheduler.replicas)
+        if decision.move.value != "hold" or self.last_window_decision is None:
+            logger.info("pool %s: window %s to %d per replica: %s", self.route.name, decision.move.value,
+                        self.window.per_replica, decision.reason)
+        self.last_window_decision = decision
+        self.scheduler.set_window(self.window.per_replica)
+
+    @property
+    def healthy(self) -> bool:
+        return self.ready and self.circuit.state is CircuitState.CLOSED

@@ -1,0 +1,103 @@
+"""How many requests a pool may run at once: an adaptive concurrency limit.
+
+A fixed window cannot fit both a one-core CPU engine (a few streams before
+every stream slows below the SLO) and an H200 (hundreds). So the window is
+measured, in the spirit of TCP congestion control and Netflix's
+concurrency-limits: it grows multiplicatively while the engine's time per
+output token (TPOT) is comfortably under the SLO *and* the window is actually
+full (evidence that more concurrency is wanted and affordable), and shrinks
+multiplicatively as soon as TPOT is over the SLO or the KV cache is nearly
+full (the engine would start preempting). Between the two it holds.
+
+Pure: no Ray, no asyncio. ``observe`` is fed one measurement at a time (the
+pool's engine load, polled by router/pool.py) and returns the decision, so the
+same code is unit-tested on synthetic rates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from deployments.router.settings import WindowSettings
+
+
+class WindowMove(str, Enum):
+    GROW = "grow"
+    SHRINK = "shrink"
+    HOLD = "hold"
+
+
+@dataclass(frozen=True)
+class EngineSample:
+    """One look at a pool's engine.
+
+    tpot_s: recent mean time per output token, seconds (None: nothing decoded lately).
+    kv_cache_usage: 0..1. in_use: requests this router runs in the pool now.
+    queued: requests this router holds back for the pool now.
+    """
+
+    tpot_s: float | None
+    kv_cache_usage: float
+    in_use: int
+    queued: int
+
+
+@dataclass(frozen=True)
+class WindowDecision:
+    move: WindowMove
+    limit: float
+    reason: str
+
+
+class AdaptiveWindow:
+    """The window per LLM replica (a float; the scheduler uses its floor, at least ``min``)."""
+
+    def __init__(self, settings: WindowSettings, tpot_slo_s: float, share: float = 1.0):
+        self._settings = settings
+        self._tpot_slo_s = tpot_slo_s
+        self._share = share
+        self.limit = float(self._bounded(settings.initial * share))
+
+    def set_share(self, share: float) -> None:
+        """This router's share of the pool (1 / router replicas): bounds scale with it."""
+        if share != self._share:
+            self.limit = self._bounded(self.limit * share / self._share)
+            self._share = share
+
+    @property
+    def per_replica(self) -> int:
+        return max(1, int(self.limit))
+
+    def _bounded(self, value: float) -> float:
+        low = max(1.0, self._settings.min * self._share)
+        return min(max(value, low), max(low, self._settings.max * self._share))
+
+    def observe(self, sample: EngineSample, replicas: int = 1) -> WindowDecision:
+        """One measurement in, one move out."""
+        s = self._settings
+        if sample.kv_cache_usage >= s.kv_cache_high and sample.queued > 0:
+            return self._move(WindowMove.SHRINK, self.limit * s.decrease,
+                              f"KV cache {sample.kv_cache_usage:.0%} >= {s.kv_cache_high:.0%}")
+        if sample.tpot_s is None:
+            return WindowDecision(WindowMove.HOLD, self.limit, "no tokens decoded lately")
+        if sample.tpot_s > self._tpot_slo_s:
+            if sample.in_use > self.per_replica * max(1, replicas):
+                # The last cut has not taken effect yet (requests drain as they finish); cutting
+                # again on the same evidence would overshoot, as TCP cuts once per round trip.
+                return WindowDecision(WindowMove.HOLD, self.limit, "TPOT over the SLO; draining to the last cut")
+            return self._move(WindowMove.SHRINK, self.limit * s.decrease,
+                              f"TPOT {sample.tpot_s * 1000:.0f} ms > SLO {self._tpot_slo_s * 1000:.0f} ms")
+        full = sample.in_use >= self.per_replica * max(1, replicas) and sample.queued > 0
+        if sample.tpot_s < s.grow_below * self._tpot_slo_s and full:
+            return self._move(WindowMove.GROW, max(self.limit * s.increase, self.limit + 1),
+                              f"TPOT {sample.tpot_s * 1000:.0f} ms < {s.grow_below:.0%} of SLO, window full")
+        return WindowDecision(WindowMove.HOLD, self.limit,
+                              "window not full" if not full else "TPOT near the SLO")
+
+    def _move(self, move: WindowMove, wanted: float, reason: str) -> WindowDecision:
+        before = self.limit
+        self.limit = self._bounded(wanted)
+        if self.limit == before:
+            return WindowDecision(WindowMove.HOLD, self.limit, f"{reason}; at the bound")
+        return WindowDecision(move, self.limit, reason)

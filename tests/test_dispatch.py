@@ -1,0 +1,203 @@
+"""One request's life (router/dispatch.py) against a fake replica handle: statuses, slots, circuit, aborts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+from starlette.responses import JSONResponse, StreamingResponse
+
+from deployments.router.budgets import decide_budgets
+from deployments.router.cancellation import TrackingHandle
+from deployments.router.circuit_breaker import CircuitState
+from deployments.router.dispatch import RequestLife, RequestPlan
+from deployments.router.pool import PoolState
+from deployments.router.pools import PoolRoute
+from deployments.router.settings import CircuitSettings, PriorityClass as P, QueueSettings
+
+
+class FakeCall:
+    def __init__(self):
+        self.cancelled = False
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class FakeMethod:
+    def __init__(self):
+        self.calls: list[FakeCall] = []
+
+    def remote(self, *args, **kwargs):
+        self.calls.append(FakeCall())
+        return self.calls[-1]
+
+
+class FakeHandle:
+    deployment_name = "ObservedLLMServer:main:fake"
+
+    def __init__(self):
+        self.chat = FakeMethod()
+
+    def options(self, **kwargs):
+        return self
+
+
+def make_pool(ready=True, window=2, **queues) -> PoolState:
+    settings = QueueSettings(window={"initial": window, "min": 1, "max": 8}, reserved_for_high=0, stall_s=0.3,
+                             **queues)
+    pool = PoolState(PoolRoute("main", frozenset({"high", "medium", "low"}), 4096, True), FakeHandle(), "fake",
+                     settings, CircuitSettings(failure_threshold=2, open_s=30))
+    pool.ready = ready
+    return pool
+
+
+def plan(pool: PoolState, cls=P.HIGH, stream=False, timeout=None, max_tokens=4) -> RequestPlan:
+    budgets = decide_budgets(pool.queue_settings.targets(cls), pool.queue_settings, max_tokens, time.monotonic(),
+                             timeout)
+    return RequestPlan(cls=cls, pool="main", max_tokens=max_tokens, budgets=budgets, stream=stream, headers={"x-request-id": "t"})
+
+
+def replica_call(pool: PoolState):
+    """What OpenAiIngress does: call the (tracked) handle; returns the fake call for inspection."""
+    return TrackingHandle(pool.streaming_handle).chat.remote()
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def status_and_message(response):
+    body = json.loads(response.body)
+    return response.status_code, body["error"]["message"]
+
+
+async def read_stream(response: StreamingResponse) -> list[str]:
+    return [chunk async for chunk in response.body_iterator]
+
+
+def test_a_loading_pool_answers_503_at_once_and_spends_nothing():
+    pool = make_pool(ready=False)
+
+    async def never():
+        raise AssertionError("the replica must not be called")
+
+    response = run(RequestLife(plan(pool), pool).run(never))
+    status, message = status_and_message(response)
+    assert status == 503 and "loading" in message and int(response.headers["retry-after"]) >= 1
+
+
+def test_served_request_releases_its_slot_and_counts_as_success():
+    pool = make_pool()
+
+    async def call():
+        replica_call(pool)
+        return JSONResponse({"ok": True})
+
+    response = run(RequestLife(plan(pool), pool).run(call))
+    assert response.status_code == 200 and response.headers["x-queue-wait-ms"] == "0"
+    assert pool.scheduler.in_flight == 0 and pool.circuit.state is CircuitState.CLOSED
+
+
+def test_predicted_wait_beyond_the_start_deadline_is_429_with_that_wait():
+    pool = make_pool(window=1)
+    pool.service[P.HIGH].record(50.0)  # measured: a high request holds its slot for 50 s
+
+    async def scenario():
+        await pool.scheduler.acquire(P.HIGH, 1)  # the window is full
+
+        async def never():
+            raise AssertionError("the replica must not be called")
+
+        return await RequestLife(plan(pool), pool).run(never)
+
+    response = run(scenario())
+    status, message = status_and_message(response)
+    assert status == 429 and "start deadline" in message
+    assert int(response.headers["retry-after"]) == 50  # one slot frees in 50 s
+
+
+def test_start_deadline_in_prefill_aborts_the_engine_request_and_is_not_a_fault():
+    pool = make_pool()
+    made = []
+
+    async def slow_first_token():
+        made.append(replica_call(pool))
+        await asyncio.sleep(5)
+
+    response = run(RequestLife(plan(pool, stream=True, timeout="0.2"), pool).run(slow_first_token))
+    status, message = status_and_message(response)
+    assert status == 504 and "start deadline" in message and made[0].cancelled
+    assert pool.scheduler.in_flight == 0 and pool.circuit.describe()["consecutive_faults"] == 0
+
+
+def test_expiry_in_the_queue_spends_no_engine_work():
+    pool = make_pool(window=1)
+    pool.service[P.HIGH].record(0.01)  # predicted to start at once; the running one then never ends
+
+    async def scenario():
+        await pool.scheduler.acquire(P.HIGH, 1)
+
+        async def never():
+            raise AssertionError("the replica must not be called")
+
+        return await RequestLife(plan(pool, timeout="0.1"), pool).run(never)
+
+    status, message = status_and_message(run(scenario()))
+    assert status == 504 and "no engine work" in message
+
+
+def test_a_stall_ends_the_stream_aborts_it_and_counts_as_a_fault():
+    pool = make_pool()
+    made = []
+
+    async def tokens_then_silence():
+        yield "data: {}\n\n"
+        await asyncio.sleep(10)
+
+    async def call():
+        made.append(replica_call(pool))
+        return StreamingResponse(tokens_then_silence(), media_type="text/event-stream")
+
+    async def scenario():
+        response = await RequestLife(plan(pool, stream=True, max_tokens=1000), pool).run(call)
+        return await read_stream(response)
+
+    chunks = run(scenario())
+    assert '"code": 504' in chunks[-2] and "no output" in chunks[-2] and chunks[-1] == "data: [DONE]\n\n"
+    assert made[0].cancelled and pool.scheduler.in_flight == 0
+    assert pool.circuit.describe()["consecutive_faults"] == 1
+
+
+def test_a_stream_that_keeps_flowing_is_not_killed_and_completes():
+    pool = make_pool()
+
+    async def steady():
+        for _ in range(10):
+            await asyncio.sleep(0.05)  # below stall_s, and 10 x 50 ms is within the budget
+            yield "data: {}\n\n"
+
+    async def call():
+        replica_call(pool)
+        return StreamingResponse(steady(), media_type="text/event-stream")
+
+    async def scenario():
+        response = await RequestLife(plan(pool, stream=True, max_tokens=10), pool).run(call)
+        return await read_stream(response)
+
+    assert len(run(scenario())) == 10 and pool.service[P.HIGH].mean_s > 0
+
+
+def test_replica_errors_open_the_circuit_then_requests_get_503_without_a_call():
+    pool = make_pool()
+
+    async def broken():
+        raise RuntimeError("engine dead")
+
+    for _ in range(2):
+        assert run(RequestLife(plan(pool), pool).run(broken)).status_code == 503
+    assert pool.circuit.state is CircuitState.OPEN
+    status, message = status_and_message(run(RequestLife(plan(pool), pool).run(broken)))
+    assert status == 503 and "circuit open" in message

@@ -1,0 +1,160 @@
+"""The pure overload decisions on synthetic rates: adaptive window, wait forecast, budgets."""
+
+from __future__ import annotations
+
+import pytest
+
+from deployments.router.budgets import decide_budgets
+from deployments.router.forecast import ServiceMeter, admits, forecast_wait
+from deployments.router.settings import ClassTargets, PriorityClass as P, QueueSettings, WindowSettings
+from deployments.router.validation import RequestProblem
+from deployments.router.window import AdaptiveWindow, EngineSample, WindowMove
+
+SLO = 0.05  # 50 ms per output token
+
+
+def busy(tpot, in_use, queued=5, kv=0.3):
+    return EngineSample(tpot_s=tpot, kv_cache_usage=kv, in_use=in_use, queued=queued)
+
+
+class Engine:
+    """A synthetic engine: TPOT grows linearly with the batch beyond a knee.
+
+    ``base_s`` per token alone; every request beyond ``knee`` adds ``per_extra_s``.
+    """
+
+    def __init__(self, base_s, knee, per_extra_s):
+        self.base_s, self.knee, self.per_extra_s = base_s, knee, per_extra_s
+
+    def tpot(self, batch):
+        return self.base_s + max(0, batch - self.knee) * self.per_extra_s
+
+
+def settle(engine: Engine, rounds=200, settings=WindowSettings()) -> list[int]:
+    """Saturating demand: the window is always full and requests queue. Returns the window after each round."""
+    window = AdaptiveWindow(settings, SLO)
+    seen = []
+    for _ in range(rounds):
+        batch = window.per_replica
+        window.observe(busy(engine.tpot(batch), in_use=batch))
+        seen.append(window.per_replica)
+    return seen
+
+
+def test_window_grows_while_tpot_is_under_the_slo_and_the_window_is_full():
+    window = AdaptiveWindow(WindowSettings(initial=4), SLO)
+    decision = window.observe(busy(0.01, in_use=4))
+    assert decision.move is WindowMove.GROW and window.per_replica == 5
+    for _ in range(20):
+        window.observe(busy(0.01, in_use=window.per_replica))
+    assert window.per_replica > 50
+
+
+def test_window_holds_when_not_full_or_near_the_slo():
+    window = AdaptiveWindow(WindowSettings(initial=8), SLO)
+    assert window.observe(busy(0.01, in_use=3)).move is WindowMove.HOLD  # spare room: no evidence to grow
+    assert window.observe(busy(0.01, in_use=8, queued=0)).move is WindowMove.HOLD  # nobody waits
+    assert window.observe(busy(0.045, in_use=8)).move is WindowMove.HOLD  # between 80% and 100% of the SLO
+    assert window.observe(EngineSample(None, 0.1, 8, 3)).move is WindowMove.HOLD  # nothing decoded
+    assert window.per_replica == 8
+
+
+def test_window_shrinks_over_the_slo_and_on_a_full_kv_cache_but_not_below_min():
+    window = AdaptiveWindow(WindowSettings(initial=10, min=2), SLO)
+    assert window.observe(busy(0.08, in_use=10)).move is WindowMove.SHRINK
+    assert window.per_replica == 8
+    assert window.observe(busy(0.08, in_use=10)).move is WindowMove.HOLD  # 10 still run: the cut drains first
+    assert window.observe(busy(0.01, in_use=8, kv=0.97)).move is WindowMove.SHRINK
+    for _ in range(30):
+        window.observe(busy(0.2, in_use=window.per_replica))
+    assert window.per_replica == 2
+
+
+def test_same_settings_settle_far_apart_on_a_slow_and_a_fast_engine():
+    cpu = Engine(base_s=0.03, knee=1, per_extra_s=0.01)  # one core: every extra stream costs
+    gpu = Engine(base_s=0.012, knee=64, per_extra_s=0.0002)  # memory-bound: batching is nearly free
+    cpu_window = settle(cpu)[-50:]
+    gpu_window = settle(gpu)[-50:]
+    assert max(cpu_window) <= 4 and min(gpu_window) >= 100
+    # where it settles, TPOT meets the SLO most of the time
+    assert sum(cpu.tpot(w) <= SLO for w in cpu_window) >= 25
+
+
+def test_window_follows_a_slower_engine_down_and_back_up():
+    window = AdaptiveWindow(WindowSettings(initial=64), SLO)
+    for _ in range(30):  # the engine got slower (say, long prompts arrived)
+        window.observe(busy(Engine(0.03, 4, 0.01).tpot(window.per_replica), window.per_replica))
+    low = window.per_replica
+    for _ in range(30):
+        window.observe(busy(Engine(0.01, 64, 0.001).tpot(window.per_replica), window.per_replica))
+    assert low < 8 < window.per_replica
+
+
+def test_router_replicas_split_the_window():
+    one = AdaptiveWindow(WindowSettings(initial=8, max=100), SLO)
+    half = AdaptiveWindow(WindowSettings(initial=8, max=100), SLO, share=0.5)
+    assert half.per_replica == 4 == one.per_replica // 2
+    one.set_share(0.5)
+    assert one.per_replica == 4
+    for _ in range(100):
+        one.observe(busy(0.001, in_use=one.per_replica))
+    assert one.per_replica == 50  # the max is shared too: two routers never exceed it together
+
+
+# --- forecast -------------------------------------------------------------------
+
+
+def test_service_meter_follows_recent_completions():
+    meter = ServiceMeter()
+    assert meter.mean_s is None
+    for _ in range(20):
+        meter.record(10.0)
+    assert meter.mean_s == pytest.approx(10.0)
+    for _ in range(10):
+        meter.record(2.0)  # the load changed: ten completions later the figure follows
+    assert meter.mean_s < 3.0
+
+
+def test_forecast_counts_the_requests_ahead_at_the_measured_service_time():
+    assert forecast_wait(ahead=0, free_slots=2, slots=4, service_s=8.0).seconds == 0
+    # 4 slots of 8 s each: one frees every 2 s; 3 ahead + this one = 4 frees
+    assert forecast_wait(ahead=3, free_slots=0, slots=4, service_s=8.0).seconds == pytest.approx(8.0)
+    assert forecast_wait(ahead=3, free_slots=2, slots=4, service_s=8.0).seconds == pytest.approx(4.0)
+
+
+def test_admission_refuses_a_wait_beyond_the_start_deadline_with_an_honest_retry_after():
+    forecast = forecast_wait(ahead=59, free_slots=0, slots=4, service_s=2.0)  # 30 s
+    assert not admits(forecast, start_deadline_s=30, admit_within=0.8)
+    assert admits(forecast, start_deadline_s=600, admit_within=0.8)  # low waits for room instead
+    assert forecast.retry_after_s == 30
+
+
+# --- budgets --------------------------------------------------------------------
+
+TARGETS = ClassTargets(ttft_s=1, tpot_s=0.05, start_deadline_s=30)
+QUEUES = QueueSettings(generation_slack=2.0, stall_s=10)
+
+
+def test_budgets_from_the_class_and_max_tokens():
+    b = decide_budgets(TARGETS, QUEUES, max_tokens=100, arrived_at=1000.0, requested_timeout=None)
+    assert b.start_by == 1030 and b.end_by is None and b.stall_s == 10
+    assert b.generation_s == pytest.approx(2.0 * 100 * 0.05 + 10)
+    assert b.finish_by(first_token_at=1005) == pytest.approx(1005 + 20)
+
+
+def test_a_client_timeout_shortens_either_budget_never_extends():
+    b = decide_budgets(TARGETS, QUEUES, 100, 1000.0, "5")
+    assert b.start_by == 1005 and b.finish_by(1001) == 1005
+    long = decide_budgets(TARGETS, QUEUES, 100, 1000.0, "600")
+    assert long.start_by == 1030 and long.finish_by(1001) == pytest.approx(1021)
+
+
+@pytest.mark.parametrize("header", ["0", "-1", "soon", "nan", "inf"])
+def test_bad_timeout_header(header):
+    assert isinstance(decide_budgets(TARGETS, QUEUES, 10, 0.0, header), RequestProblem)
+
+
+def test_every_class_must_have_targets():
+    with pytest.raises(ValueError, match="missing"):
+        QueueSettings(classes={"high": TARGETS})
+    assert QueueSettings().targets(P.LOW).start_deadline_s >= 300  # low waits for room, in minutes
