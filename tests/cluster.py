@@ -124,22 +124,42 @@ class DeployedCluster:
 
 
 class ServeRunProcess:
-    """`serve run serve_config.yaml` in the foreground, no cluster beforehand."""
+    """What `make serve` runs: scripts/serve.py, i.e. `serve run serve_config.yaml` plus its ready line.
+
+    While waiting for /health, it also sends a chat request now and then and
+    keeps the router's answers from before the app was ready (``early_answers``).
+    """
 
     def __init__(self) -> None:
         self.proc: subprocess.Popen | None = None
         self.log_path = REPO_ROOT / ".pytest_cache" / "serve_run.log"
+        self.early_answers: list[httpx.Response] = []
 
-    def start(self) -> float:
+    def start(self, model_id: str) -> float:
         assert_nothing_running()
         self.log_path.parent.mkdir(exist_ok=True)
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [str(BIN / "serve"), "run", "serve_config.yaml"],
+            [str(BIN / "python"), "scripts/serve.py"],
             cwd=REPO_ROOT, env=clean_env(), stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        return wait_healthy(proc=self.proc)
+        body = {"model": model_id, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+        start = time.monotonic()
+        while time.monotonic() - start < READY_TIMEOUT_S:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"serve process exited early with {self.proc.returncode}")
+            try:
+                if httpx.get(BASE_URL + "/health", timeout=5).status_code == 200:
+                    return time.monotonic() - start
+                self.early_answers.append(httpx.post(BASE_URL + "/v1/chat/completions", json=body, timeout=30))
+            except httpx.TransportError:
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"{BASE_URL}/health not ready after {READY_TIMEOUT_S}s")
+
+    def ready_lines(self) -> list[str]:
+        return [line for line in self.log_path.read_text().splitlines() if line.startswith("ready: ")]
 
     def stop(self, timeout: float = 120) -> int:
         """Ctrl-C, as a person would; returns the exit code."""

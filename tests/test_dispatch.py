@@ -201,3 +201,23 @@ def test_replica_errors_open_the_circuit_then_requests_get_503_without_a_call():
     assert pool.circuit.state is CircuitState.OPEN
     status, message = status_and_message(run(RequestLife(plan(pool), pool).run(broken)))
     assert status == 503 and "circuit open" in message
+
+
+def test_two_router_replicas_each_keep_half_of_the_pools_window():
+    alone, first, second = make_pool(window=8), make_pool(window=8), make_pool(window=8)
+    for pool in (first, second):
+        pool.set_router_replicas(2)
+    assert first.scheduler.window + second.scheduler.window == alone.scheduler.window == 8
+
+    async def fill(pool):
+        started = 0
+        while pool.scheduler.free_slots(P.HIGH) > 0:
+            await pool.scheduler.acquire(P.HIGH, 1)
+            started += 1
+        return started
+
+    assert run(fill(first)) + run(fill(second)) == run(fill(alone))  # together they run what one would
+    # and each predicts from its own share: a full half refuses sooner than the whole would
+    for pool in (first, alone):
+        pool.service[P.HIGH].record(20.0)
+    assert first.forecast(P.HIGH, 4).seconds > alone.forecast(P.HIGH, 4).seconds

@@ -24,9 +24,17 @@ def ask(model_id: str) -> str:
 def test_serve_run_answers_then_shuts_down(model_id):
     serve_run = ServeRunProcess()
     try:
-        ready_s = serve_run.start()
+        ready_s = serve_run.start(model_id)
         print(f"serve run ready in {ready_s:.0f}s")
         assert "Paris" in ask(model_id)
+        # While the engine loaded, the router answered at once: 503, Retry-After, "loading".
+        loading = [r for r in serve_run.early_answers if "x-priority-class" in r.headers]  # the router, not the proxy
+        assert loading, "the router never answered before the app was ready"
+        assert all(r.status_code == 503 for r in loading), [r.status_code for r in loading]
+        assert all(int(r.headers["retry-after"]) >= 1 and "loading" in r.json()["error"]["message"]
+                   for r in loading)
+        assert wait_until(lambda: serve_run.ready_lines(), 10)
+        assert serve_run.ready_lines() == [f"ready: {BASE_URL} ({model_id})"]
     finally:
         exit_code = serve_run.stop()
     assert exit_code == 0, serve_run.log_path.read_text()[-3000:]
