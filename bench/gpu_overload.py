@@ -87,6 +87,7 @@ OUT = os.environ.get("OUT", "/tmp/out")
 BASE = "http://127.0.0.1:8000"
 MODEL = "Qwen/Qwen2.5-7B-Instruct"
 METRICS_PORT = 8091
+METRICS_REPORT_MS = 1000
 TALLY_DIR = f"/tmp/gpu_overload_tally_{TARGET}"
 EP_DIR = f"/tmp/gpu_overload_ep_{TARGET}"
 POOL = "main"
@@ -134,7 +135,8 @@ def log_excerpts(tag: str) -> None:
     if TARGET == "ours":
         res.setdefault("window_log", {})[tag] = sh(
             f"grep -h -E 'window (grow|shrink|hold)|warm|ready' {d}/serve/*.log 2>/dev/null | head -c 20000", 30)
-    sh(f"cd {d} && tar -czf {OUT}/serve_logs_{TARGET}.tgz serve 2>/dev/null", 60)
+    tgz = f"{OUT}/serve_logs_{TARGET}.tgz"
+    sh(f"cd {d} && tar -czf {tgz} serve 2>/dev/null; [ $(stat -c %s {tgz}) -lt 15000000 ] || rm -f {tgz}", 60)
 
 
 def words(seed: int, n: int) -> str:
@@ -263,7 +265,7 @@ def summary(rs: list[dict], wall: float | None = None) -> dict:
 
 def compact(rs: list[dict]) -> list[dict]:
     keys = ("status", "stream", "sent", "done", "lat", "ttft", "t_last", "tokens", "ptok")
-    return [{k: (round(r[k], 4) if isinstance(r[k], float) else r[k]) for k in keys}
+    return [{k: (round(r[k], 4) if isinstance(r.get(k), float) else r.get(k)) for k in keys}
             | {"cls": cls_of(r), "qwait_ms": r["h"].get("x-queue-wait-ms"), "retry_after": r["h"].get("retry-after")}
             for r in rs]
 
@@ -298,7 +300,7 @@ async def prom_generated(c) -> dict:
     return {"generated": total if lines else None, "lines": lines[:4]}
 
 
-async def settle(c, tag: str, max_s: float = 30.0) -> dict:
+async def settle(c, tag: str, max_s: float = 30.0, prom_wait_s: float = 8.0) -> dict:
     """Wait until the engine is idle (the token tally still for 1.5 s; ours: no running or waiting
     requests), then read every counter; Prometheus is re-read until it has caught up with the tally."""
     t = time.time()
@@ -326,12 +328,12 @@ async def settle(c, tag: str, max_s: float = 30.0) -> dict:
         snap["engine_load"] = el
         snap["window_per_replica"] = health_pool(h).get("window_per_replica")
     t = time.time()
-    while True:
+    while True:  # Ray exports every METRICS_REPORT_MS: wait (a little) for it to catch up with the tally
         snap["prom"] = await prom_generated(c)
         g = snap["prom"].get("generated")
-        if (g is not None and g >= snap["tally"]["generated"]) or time.time() - t > 16 or left() < 40:
+        if (g is not None and g >= snap["tally"]["generated"]) or time.time() - t > prom_wait_s or left() < 40:
             break
-        await asyncio.sleep(2)
+        await asyncio.sleep(1)
     snap["prom_wait_s"] = round(time.time() - t, 1)
     res["counters"][tag] = snap
     log("counters", tag, json.dumps({k: v for k, v in snap.items() if k != "engine_load"}, default=str)[:600])
@@ -400,8 +402,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CACHE_ROOT", "/tmp/vllmcache")
 sys.path[:0] = [str(REPO), EP_DIR]
 
-ray.init(namespace="serve", num_cpus=16, num_gpus=1, resources={"gpu_4090d": 1}, include_dashboard=False,
-         log_to_driver=False, _metrics_export_port=METRICS_PORT)
+ray_kwargs = dict(namespace="serve", num_cpus=16, num_gpus=1, resources={"gpu_4090d": 1}, include_dashboard=False,
+                  log_to_driver=False, _metrics_export_port=METRICS_PORT)
+try:  # Ray exports metrics every 10 s by default; every second here, so a phase's count is read promptly
+    ray.init(**ray_kwargs, _system_config={"metrics_report_interval_ms": METRICS_REPORT_MS})
+    res["metrics_report_interval_ms"] = METRICS_REPORT_MS
+except Exception as e:  # noqa: BLE001
+    log("ray.init with _system_config failed, default export interval:", repr(e)[:300])
+    ray.shutdown()
+    ray.init(**ray_kwargs)
 t_dep = time.time()
 app_name = "llm" if TARGET == "ours" else "stock"
 try:
@@ -565,8 +574,15 @@ async def phases():
                                t_wait_s=max(20.0, min(120.0, left() - 45)))
 
 
+async def final_prom():
+    """Once more at the end, given time for Ray's export: vLLM's Prometheus counter against the tally."""
+    async with httpx.AsyncClient(base_url=BASE, timeout=20) as c:
+        await settle(c, "end", max_s=10, prom_wait_s=min(20.0, max(0.0, left() - 20)))
+
+
 try:
     asyncio.run(phases())
+    asyncio.run(final_prom())
 except Exception:
     res["bench_error"] = traceback.format_exc()
     log("BENCH ERROR\n" + res["bench_error"])

@@ -76,6 +76,7 @@ def test_a_profile_overrides_the_routers_queue_settings_for_its_pools(args):
     assert gpu.classes == app_args.router.queues.classes  # the 4090D profiles keep web chat's SLO
     assert gpu.targets(P.HIGH).ttft_s == 1.0 and gpu.tightest_tpot_s == 0.05
     assert cpu.targets(P.MEDIUM).ttft_s > gpu.targets(P.MEDIUM).ttft_s  # a 2k prefill on one CPU core
+    assert cpu.tightest_tpot_s == 0.1 and cpu.targets(P.LOW).start_deadline_s == gpu.targets(P.LOW).start_deadline_s
     assert cpu.window == gpu.window  # one window setting; what it settles at is measured
 
 
