@@ -8,8 +8,8 @@ machine, one after the other. Workloads (streamed, `include_usage`):
 - **poisson**: open-loop arrivals of the same chat at 0.5x, 1x, 2x and 4x the
   engine's measured capacity (completions per second of the first target at its
   busiest ramp level, so every target sees the same offered load);
-- **flood**: the priority flood: short chats at a steady rate plus long
-  (~2.2k-token) low-priority prompts at the same rate.
+- **flood**: the priority flood: short chats (1/s) plus long (~2.2k-token)
+  low-priority prompts (1 every 4 s), Poisson arrivals.
 
 Bare vLLM (`python -m vllm.entrypoints.openai.api_server`) runs the ramp's 1-
 and 32-client levels only: at low load and at saturation, so the router's own
@@ -268,7 +268,7 @@ def run_target(target: str, args, capacity: dict) -> tuple[list[Sample], dict]:
             measure("poisson", f"{factor}x", open_loop(url, model, target, "poisson", f"{factor}x",
                                                        {"high": factor * cap}, args, seed=int(factor * 10)))
         measure("flood", "flood", open_loop(url, model, target, "flood", "flood",
-                                            {"high": args.flood_rps, "low": args.flood_rps}, args))
+                                            {"high": args.flood_high_rps, "low": args.flood_low_rps}, args))
     finally:
         if target == "bare":
             server.stop()
@@ -395,9 +395,10 @@ def main() -> None:
     parser.add_argument("--targets", default="bare,stock,ours", help="of bare, stock, ours (run in this order)")
     parser.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--poisson", type=lambda s: [float(x) for x in s.split(",")], default=[0.5, 1.0, 2.0, 4.0])
-    parser.add_argument("--level-s", type=float, default=40.0, help="seconds each level sends for")
+    parser.add_argument("--level-s", type=float, default=30.0, help="seconds each level sends for")
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--flood-rps", type=float, default=0.5)
+    parser.add_argument("--flood-high-rps", type=float, default=1.0, help="short chats during the flood")
+    parser.add_argument("--flood-low-rps", type=float, default=0.25, help="long low-class prompts")
     parser.add_argument("--low-words", type=int, default=2200)
     parser.add_argument("--low-tokens", type=int, default=32)
     parser.add_argument("--client-timeout", type=float, default=300.0)

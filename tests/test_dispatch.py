@@ -103,7 +103,7 @@ def test_served_request_releases_its_slot_and_counts_as_success():
 
 def test_predicted_wait_beyond_the_start_deadline_is_429_with_that_wait():
     pool = make_pool(window=1)
-    pool.service[P.HIGH].record(50.0)  # measured: a high request holds its slot for 50 s
+    pool.service[P.HIGH].record(50.0, 4)  # measured: a high request holds its slot for 50 s
 
     async def scenario():
         await pool.scheduler.acquire(P.HIGH, 1)  # the window is full
@@ -121,6 +121,7 @@ def test_predicted_wait_beyond_the_start_deadline_is_429_with_that_wait():
 
 def test_start_deadline_in_prefill_aborts_the_engine_request_and_is_not_a_fault():
     pool = make_pool()
+    pool.service[P.HIGH].record(0.01, 4)  # predicted to fit; this one then hangs in prefill
     made = []
 
     async def slow_first_token():
@@ -135,7 +136,7 @@ def test_start_deadline_in_prefill_aborts_the_engine_request_and_is_not_a_fault(
 
 def test_expiry_in_the_queue_spends_no_engine_work():
     pool = make_pool(window=1)
-    pool.service[P.HIGH].record(0.01)  # predicted to start at once; the running one then never ends
+    pool.service[P.HIGH].record(0.01, 4)  # predicted to start at once; the running one then never ends
 
     async def scenario():
         await pool.scheduler.acquire(P.HIGH, 1)
@@ -219,5 +220,19 @@ def test_two_router_replicas_each_keep_half_of_the_pools_window():
     assert run(fill(first)) + run(fill(second)) == run(fill(alone))  # together they run what one would
     # and each predicts from its own share: a full half refuses sooner than the whole would
     for pool in (first, alone):
-        pool.service[P.HIGH].record(20.0)
+        pool.service[P.HIGH].record(20.0, 4)
     assert first.forecast(P.HIGH, 4).seconds > alone.forecast(P.HIGH, 4).seconds
+
+
+def test_a_client_deadline_the_request_could_not_meet_is_refused_before_any_engine_work():
+    pool = make_pool(window=4)
+    pool.service[P.HIGH].record(8.0, 100)  # 100 tokens take 8 s here
+
+    async def never():
+        raise AssertionError("the replica must not be called")
+
+    response = run(RequestLife(plan(pool, timeout="5", max_tokens=100), pool).run(never))
+    status, message = status_and_message(response)
+    assert status == 429 and "X-Request-Timeout" in message
+    assert run(RequestLife(plan(pool, timeout="5", max_tokens=10), pool).run(
+        lambda: asyncio.sleep(0, JSONResponse({})))).status_code == 200  # 0.8 s fits

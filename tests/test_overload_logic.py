@@ -108,11 +108,12 @@ def test_service_meter_follows_recent_completions():
     meter = ServiceMeter()
     assert meter.mean_s is None
     for _ in range(20):
-        meter.record(10.0)
+        meter.record(10.0, 100)
     assert meter.mean_s == pytest.approx(10.0)
     for _ in range(10):
-        meter.record(2.0)  # the load changed: ten completions later the figure follows
+        meter.record(2.0, 100)  # the load changed: ten completions later the figure follows
     assert meter.mean_s < 3.0
+    assert meter.estimate_s(50) == pytest.approx(meter.mean_s / 2)  # half the tokens, half the time
 
 
 def test_forecast_counts_the_requests_ahead_at_the_measured_service_time():

@@ -95,12 +95,21 @@ class RequestLife:
             reason, retry_after = unavailable
             return self._error(503, reason, **{"retry-after": str(retry_after)})
         forecast = self.pool.forecast(self.plan.cls, self.plan.max_tokens)
-        start_s = self.plan.budgets.start_by - self._clock()
-        if not admits(forecast, start_s, self._settings.admit_within):
+        budgets, now, within = self.plan.budgets, self._clock(), self._settings.admit_within
+        if not admits(forecast, budgets.start_by - now, within):
             return self._error(
                 429, f"the {self.plan.cls.label} class would wait about {forecast.seconds:.1f}s to start, beyond "
-                     f"its start deadline of {start_s:.0f}s; retry later",
+                     f"its start deadline of {budgets.start_by - now:.0f}s; retry later",
                 **{"retry-after": str(forecast.retry_after_s)})
+        if budgets.end_by is not None:
+            # The client's own deadline bounds the whole request: refuse now what could not finish
+            # by then, instead of spending engine time on an answer nobody will read.
+            finish_s = forecast.seconds + self.pool.service_s(self.plan.cls, self.plan.max_tokens)
+            if finish_s > within * (budgets.end_by - now):
+                return self._error(
+                    429, f"this request would take about {finish_s:.1f}s (wait and generation), beyond its "
+                         f"X-Request-Timeout of {budgets.end_by - budgets.arrived_at:.0f}s; retry later",
+                    **{"retry-after": str(forecast.retry_after_s)})
         return None
 
     async def _acquire(self) -> float | Response:
@@ -154,7 +163,7 @@ class RequestLife:
 
     def _served(self) -> None:
         self.pool.circuit.record_success()
-        self.pool.service[self.plan.cls].record(self._clock() - self._started_at)
+        self.pool.service[self.plan.cls].record(self._clock() - self._started_at, self.plan.max_tokens)
 
     async def _guard_stream(self, chunks: AsyncIterator[str], slot: _Slot, calls: CallTracker):
         """Enforce the generation budget and the stall timeout between chunks; clean up however it ends."""

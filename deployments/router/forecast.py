@@ -32,9 +32,20 @@ class ServiceMeter:
 
     def __init__(self) -> None:
         self.mean_s: float | None = None
+        self.mean_tokens: float | None = None
 
-    def record(self, service_s: float) -> None:
-        self.mean_s = service_s if self.mean_s is None else self.mean_s + _WEIGHT * (service_s - self.mean_s)
+    def record(self, service_s: float, max_tokens: int) -> None:
+        if self.mean_s is None:
+            self.mean_s, self.mean_tokens = service_s, float(max_tokens)
+            return
+        self.mean_s += _WEIGHT * (service_s - self.mean_s)
+        self.mean_tokens += _WEIGHT * (max_tokens - self.mean_tokens)
+
+    def estimate_s(self, max_tokens: int) -> float | None:
+        """One request's own service time: the mean, scaled by its max_tokens against the mean's."""
+        if self.mean_s is None:
+            return None
+        return self.mean_s * max_tokens / max(1.0, self.mean_tokens)
 
 
 @dataclass(frozen=True)

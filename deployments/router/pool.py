@@ -68,11 +68,19 @@ class PoolState:
         self.window.set_share(1 / self._router_replicas)
         self.scheduler.set_window(self.window.per_replica)
 
-    def forecast(self, cls: PriorityClass, max_tokens: int) -> WaitForecast:
-        """Predicted wait of a new request of ``cls``. Until one of its class has finished, a request is
-        assumed to hold its slot for the class's TTFT SLO plus ``max_tokens`` at its TPOT SLO."""
+    def _prior_s(self, cls: PriorityClass, max_tokens: int) -> float:
+        # Until one of its class has finished: the class's TTFT SLO plus max_tokens at its TPOT SLO.
         targets = self.queue_settings.targets(cls)
-        service_s = self.service[cls].mean_s or targets.ttft_s + max_tokens * targets.tpot_s
+        return targets.ttft_s + max_tokens * targets.tpot_s
+
+    def service_s(self, cls: PriorityClass, max_tokens: int) -> float:
+        """How long this request would hold its slot, seconds."""
+        return self.service[cls].estimate_s(max_tokens) or self._prior_s(cls, max_tokens)
+
+    def forecast(self, cls: PriorityClass, max_tokens: int) -> WaitForecast:
+        """Predicted wait for a slot of a new request of ``cls``: the running ones free slots at the class's
+        mean service time."""
+        service_s = self.service[cls].mean_s or self._prior_s(cls, max_tokens)
         return forecast_wait(self.scheduler.ahead_of(cls), self.scheduler.free_slots(cls),
                              self.scheduler.slots_for(cls), service_s)
 
