@@ -45,8 +45,8 @@ class FakeHandle:
         return self
 
 
-def make_pool(ready=True, window=2, **queues) -> PoolState:
-    settings = QueueSettings(window={"initial": window, "min": 1, "max": 8}, reserved_for_high=0, stall_s=0.3,
+def make_pool(ready=True, window=2, max_window=8, **queues) -> PoolState:
+    settings = QueueSettings(window={"initial": window, "min": 1, "max": max_window}, reserved_for_high=0, stall_s=0.3,
                              **queues)
     pool = PoolState(PoolRoute("main", frozenset({"high", "medium", "low"}), 4096, True), FakeHandle(), "fake",
                      settings, CircuitSettings(failure_threshold=2, open_s=30))
@@ -104,6 +104,7 @@ def test_served_request_releases_its_slot_and_counts_as_success():
 def test_predicted_wait_beyond_the_start_deadline_is_429_with_that_wait():
     pool = make_pool(window=1)
     pool.service[P.HIGH].record(50.0, 4)  # measured: a high request holds its slot for 50 s
+    pool._tpot_s = 0.045  # and the engine is near its SLO: the window will not grow
 
     async def scenario():
         await pool.scheduler.acquire(P.HIGH, 1)  # the window is full
@@ -122,6 +123,7 @@ def test_predicted_wait_beyond_the_start_deadline_is_429_with_that_wait():
 def test_start_deadline_in_prefill_aborts_the_engine_request_and_is_not_a_fault():
     pool = make_pool()
     pool.service[P.HIGH].record(0.01, 4)  # predicted to fit; this one then hangs in prefill
+    pool._tpot_s = 0.001
     made = []
 
     async def slow_first_token():
@@ -137,6 +139,7 @@ def test_start_deadline_in_prefill_aborts_the_engine_request_and_is_not_a_fault(
 def test_expiry_in_the_queue_spends_no_engine_work():
     pool = make_pool(window=1)
     pool.service[P.HIGH].record(0.01, 4)  # predicted to start at once; the running one then never ends
+    pool._tpot_s = 0.001
 
     async def scenario():
         await pool.scheduler.acquire(P.HIGH, 1)
@@ -221,12 +224,13 @@ def test_two_router_replicas_each_keep_half_of_the_pools_window():
     # and each predicts from its own share: a full half refuses sooner than the whole would
     for pool in (first, alone):
         pool.service[P.HIGH].record(20.0, 4)
+        pool._tpot_s = 0.045
     assert first.forecast(P.HIGH, 4).seconds > alone.forecast(P.HIGH, 4).seconds
 
 
 def test_a_client_deadline_the_request_could_not_meet_is_refused_before_any_engine_work():
     pool = make_pool(window=4)
-    pool.service[P.HIGH].record(8.0, 100)  # 100 tokens take 8 s here
+    pool._tpot_s = 0.08  # the engine decodes a token every 80 ms: 100 tokens take 8 s
 
     async def never():
         raise AssertionError("the replica must not be called")
@@ -236,3 +240,23 @@ def test_a_client_deadline_the_request_could_not_meet_is_refused_before_any_engi
     assert status == 429 and "X-Request-Timeout" in message
     assert run(RequestLife(plan(pool, timeout="5", max_tokens=10), pool).run(
         lambda: asyncio.sleep(0, JSONResponse({})))).status_code == 200  # 0.8 s fits
+
+
+def test_a_burst_on_an_engine_with_headroom_queues_for_the_growing_window_instead_of_429():
+    # The H200 case: window 4, an idle fast engine, 256 requests at once. The window doubles each
+    # second while TPOT stays well under the SLO, so admission predicts with it at its bound.
+    pool = make_pool(window=4, max_window=256)
+    pool.service[P.MEDIUM].record(1.3, 256)
+    pool._tpot_s = 0.005  # far under the 50 ms SLO
+
+    async def scenario():
+        for _ in range(3):  # 3 of 4: a quarter is kept for high
+            await pool.scheduler.acquire(P.MEDIUM, 1)
+        for _ in range(200):
+            pool.scheduler._enqueue(P.MEDIUM)
+        with_headroom = RequestLife(plan(pool, cls=P.MEDIUM, max_tokens=256), pool)._refusal()
+        pool._tpot_s = 0.045  # near the SLO: no headroom, the window is what it is
+        return with_headroom, RequestLife(plan(pool, cls=P.MEDIUM, max_tokens=256), pool)._refusal()
+
+    with_headroom, without = run(scenario())
+    assert with_headroom is None and without.status_code == 429

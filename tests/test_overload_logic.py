@@ -13,8 +13,10 @@ from deployments.router.window import AdaptiveWindow, EngineSample, WindowMove
 SLO = 0.05  # 50 ms per output token
 
 
-def busy(tpot, in_use, queued=5, kv=0.3):
-    return EngineSample(tpot_s=tpot, kv_cache_usage=kv, in_use=in_use, queued=queued)
+def busy(tpot, in_use, queued=5, kv=0.3, bound=None):
+    """A sample; by default requests wait for the window whenever some are queued."""
+    return EngineSample(tpot_s=tpot, kv_cache_usage=kv, in_use=in_use, queued=queued,
+                        window_bound=queued > 0 if bound is None else bound)
 
 
 class Engine:
@@ -44,18 +46,25 @@ def settle(engine: Engine, rounds=200, settings=WindowSettings()) -> list[int]:
 def test_window_grows_while_tpot_is_under_the_slo_and_the_window_is_full():
     window = AdaptiveWindow(WindowSettings(initial=4), SLO)
     decision = window.observe(busy(0.01, in_use=4))
-    assert decision.move is WindowMove.GROW and window.per_replica == 5
-    for _ in range(20):
+    assert decision.move is WindowMove.GROW and window.per_replica == 8  # slow start: doubling
+    for _ in range(5):
         window.observe(busy(0.01, in_use=window.per_replica))
-    assert window.per_replica > 50
+    assert window.per_replica == 256  # from 4 to the bound in six measurements
+    window = AdaptiveWindow(WindowSettings(initial=64), SLO)
+    window.observe(busy(0.08, in_use=64))  # the first cut ends slow start
+    assert window.per_replica == 51
+    window.observe(busy(0.01, in_use=51))
+    assert window.per_replica == 64  # x1.25 from now on
 
 
 def test_window_holds_when_not_full_or_near_the_slo():
     window = AdaptiveWindow(WindowSettings(initial=8), SLO)
-    assert window.observe(busy(0.01, in_use=3)).move is WindowMove.HOLD  # spare room: no evidence to grow
+    assert window.observe(busy(0.01, in_use=3, bound=False)).move is WindowMove.HOLD  # spare room: no evidence
     assert window.observe(busy(0.01, in_use=8, queued=0)).move is WindowMove.HOLD  # nobody waits
+    # waiting only for a class cap (say, low) is no reason to grow
+    assert window.observe(busy(0.01, in_use=6, queued=3, bound=False)).move is WindowMove.HOLD
     assert window.observe(busy(0.045, in_use=8)).move is WindowMove.HOLD  # between 80% and 100% of the SLO
-    assert window.observe(EngineSample(None, 0.1, 8, 3)).move is WindowMove.HOLD  # nothing decoded
+    assert window.observe(EngineSample(None, 0.1, 8, 3, True)).move is WindowMove.HOLD  # nothing decoded
     assert window.per_replica == 8
 
 
@@ -99,6 +108,7 @@ def test_router_replicas_split_the_window():
     for _ in range(100):
         one.observe(busy(0.001, in_use=one.per_replica))
     assert one.per_replica == 50  # the max is shared too: two routers never exceed it together
+    assert not one.has_headroom(0.001)  # at its bound: admission predicts with it as it is
 
 
 # --- forecast -------------------------------------------------------------------
@@ -159,3 +169,48 @@ def test_every_class_must_have_targets():
     with pytest.raises(ValueError, match="missing"):
         QueueSettings(classes={"high": TARGETS})
     assert QueueSettings().targets(P.LOW).start_deadline_s >= 300  # low waits for room, in minutes
+
+
+def test_medium_traffic_alone_grows_the_window_past_the_high_reserve():
+    # With a quarter of the window kept for high, medium alone can fill only 3 of 4 slots; the
+    # scheduler still says medium waits for the window, so the window grows (found on the H200).
+    import asyncio
+
+    from deployments.router.scheduler import PriorityScheduler
+
+    async def scenario():
+        sched = PriorityScheduler(QueueSettings(window={"initial": 4}))
+        for _ in range(3):
+            await sched.acquire(P.MEDIUM, 1)
+        waiting = asyncio.create_task(sched.acquire(P.MEDIUM, 5))
+        await asyncio.sleep(0)
+        bound = sched.window_bound()
+        waiting.cancel()
+        return bound, sched.in_flight
+
+    bound, in_flight = asyncio.run(scenario())
+    assert bound and in_flight == 3
+    window = AdaptiveWindow(WindowSettings(initial=4), SLO)
+    assert window.observe(busy(0.005, in_use=in_flight, queued=1, bound=bound)).move is WindowMove.GROW
+
+
+def test_hopeless_waiters_are_refused_from_the_queue_not_left_to_expire():
+    import asyncio
+
+    from deployments.router.scheduler import PriorityScheduler, Shed
+
+    async def scenario():
+        sched = PriorityScheduler(QueueSettings(window={"initial": 1}, reserved_for_high=0))
+        await sched.acquire(P.HIGH, 1)
+        soon = asyncio.create_task(sched.acquire(P.HIGH, 30))
+        late = asyncio.create_task(sched.acquire(P.HIGH, 5))
+        await asyncio.sleep(0)
+        # each start takes 4 s: the first waiter starts in 4 s (fits 30), the second in 8 s (not 5)
+        shed = sched.shed_hopeless(lambda cls, ahead: 4.0 * (ahead + 1), time.monotonic())
+        with pytest.raises(Shed):
+            await late
+        assert shed == 1 and not soon.done() and sched.depths()["high"] == 1
+        soon.cancel()
+
+    import time
+    asyncio.run(scenario())

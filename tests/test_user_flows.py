@@ -30,9 +30,11 @@ def test_serve_run_answers_then_shuts_down(model_id):
         # While the engine loaded, the router answered at once: 503, Retry-After, "loading".
         loading = [r for r in serve_run.early_answers if "x-priority-class" in r.headers]  # the router, not the proxy
         assert loading, "the router never answered before the app was ready"
-        assert all(r.status_code == 503 for r in loading), [r.status_code for r in loading]
+        statuses = [r.status_code for r in loading]
+        # 503 while loading; a 200 only in the instant between the engine's warm-up and /health's 200
+        assert statuses[0] == 503 and set(statuses) <= {503, 200}, statuses
         assert all(int(r.headers["retry-after"]) >= 1 and "loading" in r.json()["error"]["message"]
-                   for r in loading)
+                   for r in loading if r.status_code == 503)
         assert wait_until(lambda: serve_run.ready_lines(), 10)
         assert serve_run.ready_lines() == [f"ready: {BASE_URL} ({model_id})"]
     finally:

@@ -13,6 +13,7 @@ what happened                          status      circuit
 =====================================  ==========  ===========================
 served                                 200         success
 refused: loading / circuit / predicted 503 / 429   -
+queue slower than predicted (shed)     429         - (no engine work was spent)
 start deadline passed in the queue     504         - (no engine work was spent)
 start deadline passed in prefill       504         - (aborted in the engine)
 generation budget passed               504         - (aborted in the engine)
@@ -103,11 +104,12 @@ class RequestLife:
                 **{"retry-after": str(forecast.retry_after_s)})
         if budgets.end_by is not None:
             # The client's own deadline bounds the whole request: refuse now what could not finish
-            # by then, instead of spending engine time on an answer nobody will read.
-            finish_s = forecast.seconds + self.pool.service_s(self.plan.cls, self.plan.max_tokens)
+            # by then even at the engine's current speed, instead of spending engine time on an
+            # answer nobody will read.
+            finish_s = forecast.seconds + self.pool.decode_s(self.plan.cls, self.plan.max_tokens)
             if finish_s > within * (budgets.end_by - now):
                 return self._error(
-                    429, f"this request would take about {finish_s:.1f}s (wait and generation), beyond its "
+                    429, f"this request would take at least {finish_s:.1f}s (wait and generation), beyond its "
                          f"X-Request-Timeout of {budgets.end_by - budgets.arrived_at:.0f}s; retry later",
                     **{"retry-after": str(forecast.retry_after_s)})
         return None

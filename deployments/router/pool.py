@@ -54,6 +54,7 @@ class PoolState:
         self.ready = False
         self.not_ready_reason = "the model is loading"
         self.engine_load: dict = {}
+        self._tpot_s: float | None = None  # the engine's latest fresh TPOT
         self.last_window_decision: WindowDecision | None = None
         self._probe_timeout_s = circuit.probe_timeout_s
         self._router_replicas = 1
@@ -69,20 +70,32 @@ class PoolState:
         self.scheduler.set_window(self.window.per_replica)
 
     def _prior_s(self, cls: PriorityClass, max_tokens: int) -> float:
-        # Until one of its class has finished: the class's TTFT SLO plus max_tokens at its TPOT SLO.
-        targets = self.queue_settings.targets(cls)
-        return targets.ttft_s + max_tokens * targets.tpot_s
+        # Until one of its class has finished: max_tokens at the class's TPOT SLO (its TTFT SLO is a
+        # bound, not an estimate: low's 60 s would refuse long prompts the engine takes in seconds).
+        return max_tokens * self.queue_settings.targets(cls).tpot_s
 
     def service_s(self, cls: PriorityClass, max_tokens: int) -> float:
         """How long this request would hold its slot, seconds."""
         return self.service[cls].estimate_s(max_tokens) or self._prior_s(cls, max_tokens)
 
+    def decode_s(self, cls: PriorityClass, max_tokens: int) -> float:
+        """Seconds to generate ``max_tokens`` at the engine's current TPOT (its class's SLO when idle).
+        A lower bound of the time after the first token: prefill is not in it."""
+        return max_tokens * (self._tpot_s or self.queue_settings.targets(cls).tpot_s)
+
     def forecast(self, cls: PriorityClass, max_tokens: int) -> WaitForecast:
-        """Predicted wait for a slot of a new request of ``cls``: the running ones free slots at the class's
-        mean service time."""
-        service_s = self.service[cls].mean_s or self._prior_s(cls, max_tokens)
-        return forecast_wait(self.scheduler.ahead_of(cls), self.scheduler.free_slots(cls),
-                             self.scheduler.slots_for(cls), service_s)
+        """Predicted wait for a slot of a new request of ``cls``, among requests like it.
+
+        While the engine has measured headroom (idle, or TPOT well under the SLO) the window is about to
+        grow, so the wait is predicted with the window at its bound; otherwise with the window as it is.
+        """
+        return self._forecast(cls, self.scheduler.ahead_of(cls), self.scheduler.free_slots(cls),
+                              self.service_s(cls, max_tokens))
+
+    def _forecast(self, cls: PriorityClass, ahead: int, free_slots: int, service_s: float) -> WaitForecast:
+        window = self.window.max_limit if self.window.has_headroom(self._tpot_s) else None
+        slots = self.scheduler.slots_for(cls, None if window is None else max(1, int(window)))
+        return forecast_wait(ahead, free_slots, slots, service_s)
 
     def unavailable(self) -> tuple[str, int] | None:
         """(reason, Retry-After s) while the pool cannot take requests at all; None when it can."""
@@ -110,15 +123,17 @@ class PoolState:
         while True:
             try:
                 if not self.ready:
-                    await self._warm_up()
-                elif self.circuit.probe_due():
+                    await self._warm_up()  # nothing to poll until the engine answers
+                    continue
+                if self.circuit.probe_due():
                     await self._probe_circuit()
                 await self._poll_engine()
             except asyncio.CancelledError:
                 raise
             except Exception:  # never let the watch die; the next round tries again
                 logger.warning("pool %s: watch round failed", self.route.name, exc_info=True)
-            await asyncio.sleep(POLL_S)
+            finally:
+                await asyncio.sleep(POLL_S)
 
     async def _warm_up(self) -> None:
         error = await self.probe()
@@ -162,14 +177,29 @@ class PoolState:
         tpot = load.get("tpot_s")
         if tpot is not None and time.time() - load.get("tpot_at", 0) > _STALE_POLLS * POLL_S:
             tpot = None
+        self._tpot_s = tpot
         sample = EngineSample(tpot_s=tpot, kv_cache_usage=float(load.get("kv_cache_usage", 0.0)),
-                              in_use=self.scheduler.in_flight, queued=self.queued)
+                              in_use=self.scheduler.in_flight, queued=self.queued,
+                              window_bound=self.scheduler.window_bound())
         decision = self.window.observe(sample, self.scheduler.replicas)
         if decision.move.value != "hold" or self.last_window_decision is None:
             logger.info("pool %s: window %s to %d per replica: %s", self.route.name, decision.move.value,
                         self.window.per_replica, decision.reason)
         self.last_window_decision = decision
         self.scheduler.set_window(self.window.per_replica)
+        self._shed_hopeless()
+
+    def _shed_hopeless(self) -> None:
+        def predicted_wait(cls: PriorityClass, ahead: int) -> float:
+            service_s = self.service[cls].mean_s
+            if service_s is None:  # nothing measured: no evidence to refuse on
+                return 0.0
+            return self._forecast(cls, ahead, free_slots=0, service_s=service_s).seconds
+
+        shed = self.scheduler.shed_hopeless(predicted_wait, time.monotonic())
+        if shed:
+            logger.info("pool %s: %d queued requests could no longer start in time; refused (429)",
+                        self.route.name, shed)
 
     @property
     def healthy(self) -> bool:

@@ -16,6 +16,7 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 from deployments.router.settings import PriorityClass, QueueSettings
 
@@ -77,6 +78,7 @@ def class_to_shed(queued: dict[PriorityClass, int], arriving: PriorityClass) -> 
 class _Waiter:
     cls: PriorityClass
     future: asyncio.Future
+    deadline: float = math.inf  # monotonic: must start by then
     enqueued_at: float = field(default_factory=time.monotonic)
 
 
@@ -119,9 +121,15 @@ class PriorityScheduler:
         """Requests that start before a new one of ``cls``: those queued in it and in more urgent classes."""
         return sum(len(self._queues[c]) for c in PriorityClass if c <= cls)
 
-    def slots_for(self, cls: PriorityClass) -> int:
-        """How many requests of ``cls`` can run at once: the window less the reserve, within the class's cap."""
-        slots = limit_for(cls, self._window, self._settings, self._replicas)
+    def window_bound(self) -> bool:
+        """Does some waiter wait only because the window is full (not for its class cap or a yield)?"""
+        return any(self._queues[c] and self.in_flight >= limit_for(c, self._window, self._settings, self._replicas)
+                   for c in PriorityClass)
+
+    def slots_for(self, cls: PriorityClass, window: int | None = None) -> int:
+        """How many requests of ``cls`` can run at once: the window (this one, or ``window`` per replica)
+        less the reserve, within the class's cap."""
+        slots = limit_for(cls, window or self._window, self._settings, self._replicas)
         cap = self._settings.max_in_flight_per_class.get(cls.label)
         return slots if cap is None else min(slots, cap * self._replicas)
 
@@ -151,6 +159,7 @@ class PriorityScheduler:
             self._start(cls)
             return 0.0
         waiter = self._enqueue(cls)
+        waiter.deadline = waiter.enqueued_at + timeout_s
         try:
             await asyncio.wait_for(asyncio.shield(waiter.future), timeout_s)
         except asyncio.TimeoutError:
@@ -180,6 +189,27 @@ class PriorityScheduler:
         waiter = _Waiter(cls, asyncio.get_running_loop().create_future())
         queue.append(waiter)
         return waiter
+
+    def shed_hopeless(self, predicted_wait: Callable[[PriorityClass, int], float], now: float) -> int:
+        """Refuse (429, ``Shed``) every waiter that can no longer start by its deadline.
+
+        ``predicted_wait(cls, ahead)``: seconds until a waiter of ``cls`` with ``ahead`` waiters before
+        it starts. Admission predicted in time; when the pool turns out slower than predicted (the
+        window stopped growing, a burst came in front), a queued request learns it now, with no engine
+        work spent, instead of expiring into a 504. Returns how many were shed.
+        """
+        shed, ahead = 0, 0
+        for cls in PriorityClass:
+            queue = self._queues[cls]
+            for waiter in list(queue):
+                if now + predicted_wait(cls, ahead) > waiter.deadline:
+                    queue.remove(waiter)
+                    waiter.future.set_exception(Shed(cls, f"the {cls.label} queue moves slower than predicted; "
+                                                          "this request could no longer start by its deadline"))
+                    shed += 1
+                else:
+                    ahead += 1
+        return shed
 
     def _withdraw(self, waiter: _Waiter) -> bool:
         """Remove a waiter that gave up; False if it already held a slot."""

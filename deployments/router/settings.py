@@ -95,7 +95,8 @@ class WindowSettings(_Strict):
     min: int = Field(1, ge=1)
     max: int = Field(256, ge=1, description="sanity bound; vLLM's own max_num_seqs is 256 by default")
     grow_below: float = Field(0.8, gt=0, lt=1, description="grow while TPOT < this share of the SLO")
-    increase: float = Field(1.25, gt=1, description="multiplicative growth per measurement with room")
+    slow_start_increase: float = Field(2.0, gt=1, description="growth per measurement until the first cut")
+    increase: float = Field(1.25, gt=1, description="growth per measurement with room, after the first cut")
     decrease: float = Field(0.8, gt=0, lt=1, description="multiplicative cut per measurement over the SLO")
     kv_cache_high: float = Field(0.95, gt=0, le=1, description="KV-cache usage at which the window stops growing")
 

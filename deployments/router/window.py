@@ -4,10 +4,12 @@ A fixed window cannot fit both a one-core CPU engine (a few streams before
 every stream slows below the SLO) and an H200 (hundreds). So the window is
 measured, in the spirit of TCP congestion control and Netflix's
 concurrency-limits: it grows multiplicatively while the engine's time per
-output token (TPOT) is comfortably under the SLO *and* the window is actually
-full (evidence that more concurrency is wanted and affordable), and shrinks
+output token (TPOT) is comfortably under the SLO *and* requests wait for the
+window (evidence that more concurrency is wanted and affordable), and shrinks
 multiplicatively as soon as TPOT is over the SLO or the KV cache is nearly
-full (the engine would start preempting). Between the two it holds.
+full (the engine would start preempting). Between the two it holds. Like TCP
+it starts in slow start (doubling per measurement) until its first cut, so a
+GPU reaches hundreds within seconds of the first burst.
 
 Pure: no Ray, no asyncio. ``observe`` is fed one measurement at a time (the
 pool's engine load, polled by router/pool.py) and returns the decision, so the
@@ -35,12 +37,14 @@ class EngineSample:
     tpot_s: recent mean time per output token, seconds (None: nothing decoded lately).
     kv_cache_usage: 0..1. in_use: requests this router runs in the pool now.
     queued: requests this router holds back for the pool now.
+    window_bound: some of them wait only because the window is full (not for a class cap or a yield).
     """
 
     tpot_s: float | None
     kv_cache_usage: float
     in_use: int
     queued: int
+    window_bound: bool
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,7 @@ class AdaptiveWindow:
         self._tpot_slo_s = tpot_slo_s
         self._share = share
         self.limit = float(self._bounded(settings.initial * share))
+        self._slow_start = True  # until the first cut
 
     def set_share(self, share: float) -> None:
         """This router's share of the pool (1 / router replicas): bounds scale with it."""
@@ -77,23 +82,34 @@ class AdaptiveWindow:
         """One measurement in, one move out."""
         s = self._settings
         if sample.kv_cache_usage >= s.kv_cache_high and sample.queued > 0:
+            self._slow_start = False
             return self._move(WindowMove.SHRINK, self.limit * s.decrease,
                               f"KV cache {sample.kv_cache_usage:.0%} >= {s.kv_cache_high:.0%}")
         if sample.tpot_s is None:
             return WindowDecision(WindowMove.HOLD, self.limit, "no tokens decoded lately")
         if sample.tpot_s > self._tpot_slo_s:
+            self._slow_start = False
             if sample.in_use > self.per_replica * max(1, replicas):
                 # The last cut has not taken effect yet (requests drain as they finish); cutting
                 # again on the same evidence would overshoot, as TCP cuts once per round trip.
                 return WindowDecision(WindowMove.HOLD, self.limit, "TPOT over the SLO; draining to the last cut")
             return self._move(WindowMove.SHRINK, self.limit * s.decrease,
                               f"TPOT {sample.tpot_s * 1000:.0f} ms > SLO {self._tpot_slo_s * 1000:.0f} ms")
-        full = sample.in_use >= self.per_replica * max(1, replicas) and sample.queued > 0
-        if sample.tpot_s < s.grow_below * self._tpot_slo_s and full:
-            return self._move(WindowMove.GROW, max(self.limit * s.increase, self.limit + 1),
-                              f"TPOT {sample.tpot_s * 1000:.0f} ms < {s.grow_below:.0%} of SLO, window full")
+        if self.has_headroom(sample.tpot_s) and sample.window_bound:
+            factor = s.slow_start_increase if self._slow_start else s.increase
+            return self._move(WindowMove.GROW, max(self.limit * factor, self.limit + 1),
+                              f"TPOT {sample.tpot_s * 1000:.0f} ms < {s.grow_below:.0%} of SLO, requests wait")
         return WindowDecision(WindowMove.HOLD, self.limit,
-                              "window not full" if not full else "TPOT near the SLO")
+                              "no request waits for the window" if not sample.window_bound else "TPOT near the SLO")
+
+    def has_headroom(self, tpot_s: float | None) -> bool:
+        """Would the window grow if the load asked? The engine is idle or well under the SLO, below max."""
+        under = tpot_s is None or tpot_s < self._settings.grow_below * self._tpot_slo_s
+        return under and self.limit < self._bounded(float("inf"))
+
+    @property
+    def max_limit(self) -> float:
+        return self._bounded(float("inf"))
 
     def _move(self, move: WindowMove, wanted: float, reason: str) -> WindowDecision:
         before = self.limit
