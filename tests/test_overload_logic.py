@@ -8,7 +8,7 @@ from deployments.router.budgets import decide_budgets
 from deployments.router.forecast import ServiceMeter, admits, forecast_wait
 from deployments.router.settings import ClassTargets, PriorityClass as P, QueueSettings, WindowSettings
 from deployments.router.validation import RequestProblem
-from deployments.router.window import AdaptiveWindow, EngineSample, WindowMove
+from deployments.router.window import AdaptiveWindow, EngineSample, WindowMove, batch_at_slo
 
 SLO = 0.05  # 50 ms per output token
 
@@ -214,3 +214,17 @@ def test_hopeless_waiters_are_refused_from_the_queue_not_left_to_expire():
 
     import time
     asyncio.run(scenario())
+
+
+def test_the_window_learns_where_tpot_reaches_the_slo_and_predicts_with_it():
+    cpu = Engine(base_s=0.03, knee=1, per_extra_s=0.01)  # reaches 50 ms at a batch of 3
+    window = AdaptiveWindow(WindowSettings(initial=1, max=256), SLO)
+    assert window.expected_limit() == 256  # nothing learned: the bound
+    for batch in (1, 2, 3, 4, 5, 2, 3, 4):
+        window.observe(busy(cpu.tpot(batch), in_use=batch, bound=False))
+    assert batch_at_slo(window.points, SLO) == pytest.approx(3.0)
+    assert window.expected_limit() == pytest.approx(3.0)
+    gpu = AdaptiveWindow(WindowSettings(initial=1, max=256), SLO)
+    for batch in (10, 50, 100, 150):
+        gpu.observe(busy(Engine(0.012, 64, 0.0002).tpot(batch), in_use=batch, bound=False))
+    assert gpu.expected_limit() == 256  # TPOT barely grows: the bound, not a guess beyond it

@@ -87,13 +87,14 @@ class PoolState:
         """Predicted wait for a slot of a new request of ``cls``, among requests like it.
 
         While the engine has measured headroom (idle, or TPOT well under the SLO) the window is about to
-        grow, so the wait is predicted with the window at its bound; otherwise with the window as it is.
+        grow, so the wait is predicted with the window where it is heading (the batch at which the
+        measured TPOT would reach the SLO, or its bound before that is known); otherwise as it is.
         """
         return self._forecast(cls, self.scheduler.ahead_of(cls), self.scheduler.free_slots(cls),
                               self.service_s(cls, max_tokens))
 
     def _forecast(self, cls: PriorityClass, ahead: int, free_slots: int, service_s: float) -> WaitForecast:
-        window = self.window.max_limit if self.window.has_headroom(self._tpot_s) else None
+        window = self.window.expected_limit() if self.window.has_headroom(self._tpot_s) else None
         slots = self.scheduler.slots_for(cls, None if window is None else max(1, int(window)))
         return forecast_wait(ahead, free_slots, slots, service_s)
 

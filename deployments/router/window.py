@@ -18,6 +18,7 @@ same code is unit-tested on synthetic rates.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from enum import Enum
 
@@ -54,6 +55,29 @@ class WindowDecision:
     reason: str
 
 
+# How TPOT grows with the batch is learnt as one smoothed TPOT per batch size (per replica), the
+# most recently seen sizes kept: a long steady spell at one size does not erase what other sizes
+# showed, and a changed workload (longer prompts) rewrites each size as it is seen again.
+_SIZES = 32
+_POINT_WEIGHT = 0.3
+
+
+def batch_at_slo(points, tpot_slo_s: float) -> float | None:
+    """The batch per replica at which TPOT would reach the SLO, from a least-squares line through
+    ``points`` [(batch, tpot_s)], one per batch size; None while fewer than three sizes were seen or
+    TPOT does not grow with the batch (then nothing measured bounds the window)."""
+    if len(points) < 3:  # three batch sizes at least
+        return None
+    n = len(points)
+    mean_b = sum(b for b, _ in points) / n
+    mean_t = sum(t for _, t in points) / n
+    var_b = sum((b - mean_b) ** 2 for b, _ in points)
+    slope = sum((b - mean_b) * (t - mean_t) for b, t in points) / var_b
+    if slope <= 0:
+        return None
+    return mean_b + (tpot_slo_s - mean_t) / slope
+
+
 class AdaptiveWindow:
     """The window per LLM replica (a float; the scheduler uses its floor, at least ``min``)."""
 
@@ -63,6 +87,7 @@ class AdaptiveWindow:
         self._share = share
         self.limit = float(self._bounded(settings.initial * share))
         self._slow_start = True  # until the first cut
+        self._curve: OrderedDict[int, float] = OrderedDict()  # batch per replica -> smoothed TPOT
 
     def set_share(self, share: float) -> None:
         """This router's share of the pool (1 / router replicas): bounds scale with it."""
@@ -81,6 +106,8 @@ class AdaptiveWindow:
     def observe(self, sample: EngineSample, replicas: int = 1) -> WindowDecision:
         """One measurement in, one move out."""
         s = self._settings
+        if sample.tpot_s is not None and sample.in_use > 0:
+            self._learn(round(sample.in_use / max(1, replicas)), sample.tpot_s)
         if sample.kv_cache_usage >= s.kv_cache_high and sample.queued > 0:
             self._slow_start = False
             return self._move(WindowMove.SHRINK, self.limit * s.decrease,
@@ -110,6 +137,24 @@ class AdaptiveWindow:
     @property
     def max_limit(self) -> float:
         return self._bounded(float("inf"))
+
+    def _learn(self, batch: int, tpot_s: float) -> None:
+        before = self._curve.pop(batch, None)
+        self._curve[batch] = tpot_s if before is None else before + _POINT_WEIGHT * (tpot_s - before)
+        if len(self._curve) > _SIZES:
+            self._curve.popitem(last=False)
+
+    @property
+    def points(self) -> list[tuple[int, float]]:
+        return list(self._curve.items())
+
+    def expected_limit(self) -> float:
+        """Where the window is heading while the engine has headroom: the batch at which the measured
+        TPOT-vs-batch line reaches the SLO (this router's share of it), else its bound."""
+        at_slo = batch_at_slo(self.points, self._tpot_slo_s)
+        if at_slo is None:
+            return self.max_limit
+        return max(self.limit, min(self.max_limit, at_slo * self._share))
 
     def _move(self, move: WindowMove, wanted: float, reason: str) -> WindowDecision:
         before = self.limit
