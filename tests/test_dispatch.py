@@ -260,3 +260,18 @@ def test_a_burst_on_an_engine_with_headroom_queues_for_the_growing_window_instea
 
     with_headroom, without = run(scenario())
     assert with_headroom is None and without.status_code == 429
+
+
+def test_before_any_low_request_finished_a_flood_is_judged_at_the_engines_speed_not_the_slo():
+    # The H200 flood: 128 long prompts at once, none finished yet, the engine decoding at 5 ms a token.
+    pool = make_pool(window=256, max_window=512, max_in_flight_per_class={"low": 2})
+    pool._tpot_s = 0.005
+
+    async def scenario():
+        for _ in range(2):
+            await pool.scheduler.acquire(P.LOW, 1)
+        for _ in range(125):
+            pool.scheduler._enqueue(P.LOW)
+        return RequestLife(plan(pool, cls=P.LOW, max_tokens=256), pool)._refusal()
+
+    assert run(scenario()) is None  # 126 x 1.28 s over 2 slots = 81 s: within low's 600 s deadline

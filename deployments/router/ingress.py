@@ -73,6 +73,7 @@ class Router(OpenAiIngress):
         }
         self._routes = [pool.route for pool in self._pools.values()]
         self._background: list[asyncio.Task] = []
+        self._replica_id = serve.get_replica_context().replica_id.unique_id
 
     def _start_background(self) -> None:
         """Start (once, on the replica's event loop) the pool watches and the replica-count follower."""
@@ -169,7 +170,8 @@ class Router(OpenAiIngress):
             updates["max_completion_tokens"] = admitted.max_tokens
         if pool.route.engine_priority:
             updates["priority"] = int(cls)
-        headers = {"x-request-id": request.state.request_id, "x-priority-class": cls.label,
+        headers = {"x-request-id": request.state.request_id, "x-router-replica": self._replica_id,
+                   "x-priority-class": cls.label,
                    "x-llm-pool": pool.route.name, "x-prompt-tokens": str(prompt_tokens),
                    "x-max-tokens-applied": str(admitted.max_tokens)}
         plan = RequestPlan(cls=cls, pool=pool.route.name, max_tokens=admitted.max_tokens, budgets=budgets, stream=bool(getattr(body, "stream", False)),

@@ -93,7 +93,8 @@ class WindowSettings(_Strict):
 
     initial: int = Field(4, ge=1, description="requests per replica before anything is measured")
     min: int = Field(1, ge=1)
-    max: int = Field(256, ge=1, description="sanity bound; vLLM's own max_num_seqs is 256 by default")
+    max: int = Field(512, ge=1, description="sanity bound, above vLLM's default max_num_seqs of 256 so that "
+                                            "one class can fill the engine beside the high reserve")
     grow_below: float = Field(0.8, gt=0, lt=1, description="grow while TPOT < this share of the SLO")
     slow_start_increase: float = Field(2.0, gt=1, description="growth per measurement until the first cut")
     increase: float = Field(1.25, gt=1, description="growth per measurement with room, after the first cut")
