@@ -1,4 +1,4 @@
-"""Overload on one GPU: this app ("ours") vs ray.serve.llm's stock ``build_openai_app`` ("stock").
+r"""Overload on one GPU: this app ("ours") vs ray.serve.llm's stock ``build_openai_app`` ("stock").
 
 Issue 10, "Overload without waste". Both targets serve the same
 Qwen2.5-7B-shaped dummy model (``load_format: dummy``, random weights of the
@@ -43,15 +43,23 @@ Exact commands (issue 10, docs/overload-gpu.md), from the repository root:
 
     bash ../shared/gpu/prepare.sh --with-ray                    # here, ~3 min: .gpu/p0..p3 + .gpu/device_install.sh
     mkdir -p .gpu/w && cp ../shared/gpu/make_dummy_qwen.py ../shared/gpu/qwen25_7b_config.json .gpu/w/
-    # device calls, kind nvidia-h200, back to back on one machine; call k (0..3) carries .gpu/pk and
-    # .gpu/device_install.sh (the last one .gpu/w too) and runs:
+    # the router code to measure, pinned to a commit (the working tree may hold uncommitted router edits):
+    rm -rf .gpu/head && mkdir -p .gpu/head && git archive HEAD deployments | tar -x -C .gpu/head && \
+      git rev-parse HEAD > .gpu/head/COMMIT
+    # device calls, kind nvidia-h200, back to back on one machine; calls 1-3 carry .gpu/pK (K = 0, 1, 2)
+    # and .gpu/device_install.sh and run:
     bash .gpu/device_install.sh 4
-    # the last install call goes on with:
-    export PYTHONPATH=/tmp/site && python3 .gpu/w/make_dummy_qwen.py /tmp/dq .gpu/w/qwen25_7b_config.json
-    # then one call per target (carry .gpu/w), timeout_s 600:
+    # call 4 carries .gpu/p3, .gpu/device_install.sh, .gpu/w, .gpu/head: installs, makes the model, runs ours
+    # (timeout_s 600; the deadline is what is left of 590 s after the install):
+    S=$(date +%s); cp -r .gpu/head/deployments/. deployments/; bash .gpu/device_install.sh 4 || exit 9
     export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 VLLM_CACHE_ROOT=/tmp/vllmcache PYTHONUNBUFFERED=1
-    python3 bench/gpu_overload.py ours 545 2>&1 | tee $OUT/log_ours.txt
-    python3 bench/gpu_overload.py stock 545 2>&1 | tee $OUT/log_stock.txt
+    python3 .gpu/w/make_dummy_qwen.py /tmp/dq .gpu/w/qwen25_7b_config.json > $OUT/dummy.txt 2>&1
+    set -o pipefail; python3 bench/gpu_overload.py ours $((590 - $(date +%s) + S)) 2>&1 \
+      | grep -v -E "^\(.*\) (INFO|DEBUG)" | tee $OUT/log_ours.txt
+    # call 5 carries .gpu/w and runs stock on the same warm machine (deadline: what the budget allows):
+    export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 VLLM_CACHE_ROOT=/tmp/vllmcache PYTHONUNBUFFERED=1
+    set -o pipefail; python3 bench/gpu_overload.py stock 300 2>&1 | grep -v -E "^\(.*\) (INFO|DEBUG)" \
+      | tee $OUT/log_stock.txt
 
     python3 bench/gpu_overload.py TARGET DEADLINE_S [MODEL_DIR]
 
