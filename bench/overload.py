@@ -5,6 +5,8 @@ machine, one after the other. Workloads (streamed, `include_usage`):
 
 - **ramp**: closed-loop short chats ("Write a short story about a lighthouse
   keeper ...", 128 tokens, `ignore_eos`) from 1, 2, 4, 8, 16 and 32 clients;
+  a client told 429 waits its `Retry-After` before its next request, as
+  OpenAI's client does;
 - **poisson**: open-loop arrivals of the same chat at 0.5x, 1x, 2x and 4x the
   engine's measured capacity (completions per second of the first target at its
   busiest ramp level, so every target sees the same offered load);
@@ -71,6 +73,7 @@ class Sample:
     tpot_s: float | None = None
     output_tokens: int = 0
     queue_wait_s: float | None = None
+    retry_after_s: float | None = None
     message: str = ""
 
 
@@ -99,6 +102,8 @@ async def one(client: httpx.AsyncClient, url: str, body: dict, target, workload,
                 s.queue_wait_s = float(r.headers["x-queue-wait-ms"]) / 1000
             if r.status_code != 200:
                 s.message = (await r.aread()).decode(errors="replace")[:200]
+                if "retry-after" in r.headers:
+                    s.retry_after_s = float(r.headers["retry-after"])
             else:
                 async for line in r.aiter_lines():
                     if not line.startswith("data: ") or line == "data: [DONE]":
@@ -135,9 +140,12 @@ async def closed_loop(url, model, target, level_clients: int, args) -> list[Samp
         async def worker(w):
             i = 0
             while time.monotonic() - start < args.level_s:
-                out.append(await one(c, url, chat_body(model, "high", i, args), target, "ramp",
-                                     f"{level_clients} clients", "high", start))
+                got = await one(c, url, chat_body(model, "high", i, args), target, "ramp",
+                                f"{level_clients} clients", "high", start)
+                out.append(got)
                 i += 1
+                if got.retry_after_s:  # a well-behaved client waits as told before its next request
+                    await asyncio.sleep(min(got.retry_after_s, max(0.0, args.level_s - (time.monotonic() - start))))
         await asyncio.gather(*[worker(w) for w in range(level_clients)])
     return out
 

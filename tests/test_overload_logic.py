@@ -63,7 +63,8 @@ def test_window_holds_when_not_full_or_near_the_slo():
     assert window.observe(busy(0.01, in_use=8, queued=0)).move is WindowMove.HOLD  # nobody waits
     # waiting only for a class cap (say, low) is no reason to grow
     assert window.observe(busy(0.01, in_use=6, queued=3, bound=False)).move is WindowMove.HOLD
-    assert window.observe(busy(0.045, in_use=8)).move is WindowMove.HOLD  # between 80% and 100% of the SLO
+    fresh = AdaptiveWindow(WindowSettings(initial=8), SLO)
+    assert fresh.observe(busy(0.045, in_use=8)).move is WindowMove.HOLD  # 80-100% of the SLO, nothing learnt
     assert window.observe(EngineSample(None, 0.1, 8, 3, True)).move is WindowMove.HOLD  # nothing decoded
     assert window.per_replica == 8
 
@@ -200,7 +201,7 @@ def test_hopeless_waiters_are_refused_from_the_queue_not_left_to_expire():
     from deployments.router.scheduler import PriorityScheduler, Shed
 
     async def scenario():
-        sched = PriorityScheduler(QueueSettings(window={"initial": 1}, reserved_for_high=0))
+        sched = PriorityScheduler(QueueSettings(window={"initial": 1, "min": 1}, reserved_for_high=0))
         await sched.acquire(P.HIGH, 1)
         soon = asyncio.create_task(sched.acquire(P.HIGH, 30))
         late = asyncio.create_task(sched.acquire(P.HIGH, 5))
@@ -218,13 +219,21 @@ def test_hopeless_waiters_are_refused_from_the_queue_not_left_to_expire():
 
 def test_the_window_learns_where_tpot_reaches_the_slo_and_predicts_with_it():
     cpu = Engine(base_s=0.03, knee=1, per_extra_s=0.01)  # reaches 50 ms at a batch of 3
-    window = AdaptiveWindow(WindowSettings(initial=1, max=256), SLO)
+    window = AdaptiveWindow(WindowSettings(initial=1, min=1, max=256), SLO)
     assert window.expected_limit() == 256  # nothing learned: the bound
     for batch in (1, 2, 3, 4, 5, 2, 3, 4):
         window.observe(busy(cpu.tpot(batch), in_use=batch, bound=False))
     assert batch_at_slo(window.points, SLO) == pytest.approx(3.0)
     assert window.expected_limit() == pytest.approx(3.0)
-    gpu = AdaptiveWindow(WindowSettings(initial=1, max=256), SLO)
+    gpu = AdaptiveWindow(WindowSettings(initial=1, min=1, max=256), SLO)
     for batch in (10, 50, 100, 150):
         gpu.observe(busy(Engine(0.012, 64, 0.0002).tpot(batch), in_use=batch, bound=False))
     assert gpu.expected_limit() == 256  # TPOT barely grows: the bound, not a guess beyond it
+
+
+def test_near_the_slo_the_window_still_grows_one_by_one_up_to_where_the_measured_line_meets_it():
+    cpu = Engine(base_s=0.02, knee=0, per_extra_s=0.005)  # TPOT = 50 ms at a batch of 6
+    window = AdaptiveWindow(WindowSettings(initial=2), SLO)
+    for _ in range(40):
+        window.observe(busy(cpu.tpot(window.per_replica), in_use=window.per_replica))
+    assert window.per_replica in (5, 6)  # past 80% of the SLO (4.8) by the line, not beyond the SLO

@@ -92,7 +92,7 @@ class WindowSettings(_Strict):
     """
 
     initial: int = Field(4, ge=1, description="requests per replica before anything is measured")
-    min: int = Field(1, ge=1)
+    min: int = Field(2, ge=1, description="2: one slot stays for high beside a running low-class request")
     max: int = Field(512, ge=1, description="sanity bound, above vLLM's default max_num_seqs of 256 so that "
                                             "one class can fill the engine beside the high reserve")
     grow_below: float = Field(0.8, gt=0, lt=1, description="grow while TPOT < this share of the SLO")

@@ -126,6 +126,12 @@ class AdaptiveWindow:
             factor = s.slow_start_increase if self._slow_start else s.increase
             return self._move(WindowMove.GROW, max(self.limit * factor, self.limit + 1),
                               f"TPOT {sample.tpot_s * 1000:.0f} ms < {s.grow_below:.0%} of SLO, requests wait")
+        at_slo = batch_at_slo(self.points, self._tpot_slo_s)
+        if sample.window_bound and at_slo is not None and (self.per_replica + 1) <= at_slo * self._share:
+            # Near the SLO but, by the TPOT-per-batch line measured so far, one more still fits it.
+            return self._move(WindowMove.GROW, self.limit + 1,
+                              f"TPOT {sample.tpot_s * 1000:.0f} ms; the measured line puts the SLO at "
+                              f"{at_slo:.1f} per replica")
         return WindowDecision(WindowMove.HOLD, self.limit,
                               "no request waits for the window" if not sample.window_bound else "TPOT near the SLO")
 
