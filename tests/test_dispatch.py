@@ -221,11 +221,17 @@ def test_two_router_replicas_each_keep_half_of_the_pools_window():
         return started
 
     assert run(fill(first)) + run(fill(second)) == run(fill(alone))  # together they run what one would
-    # and each predicts from its own share: a full half refuses sooner than the whole would
+    # and each predicts from its own share: the same queue waits longer behind half the slots
+
+    async def queue_four(pool):
+        for _ in range(4):
+            pool.scheduler._enqueue(P.HIGH)
+
     for pool in (first, alone):
         pool.service[P.HIGH].record(20.0, 4)
         pool._tpot_s = 0.045
-    assert first.forecast(P.HIGH, 4).seconds > alone.forecast(P.HIGH, 4).seconds
+        run(queue_four(pool))
+    assert first.forecast(P.HIGH, 4).seconds == 40.0 and alone.forecast(P.HIGH, 4).seconds == 20.0
 
 
 def test_a_client_deadline_the_request_could_not_meet_is_refused_before_any_engine_work():

@@ -127,15 +127,24 @@ def test_service_meter_follows_recent_completions():
     assert meter.estimate_s(50) == pytest.approx(meter.mean_s / 2)  # half the tokens, half the time
 
 
-def test_forecast_counts_the_requests_ahead_at_the_measured_service_time():
-    assert forecast_wait(ahead=0, free_slots=2, slots=4, service_s=8.0).seconds == 0
-    # 4 slots of 8 s each: one frees every 2 s; 3 ahead + this one = 4 frees
-    assert forecast_wait(ahead=3, free_slots=0, slots=4, service_s=8.0).seconds == pytest.approx(8.0)
-    assert forecast_wait(ahead=3, free_slots=2, slots=4, service_s=8.0).seconds == pytest.approx(4.0)
+def test_forecast_counts_the_requests_ahead_and_when_the_running_ones_end():
+    assert forecast_wait(ahead=0, slots=4, service_s=8.0, remaining_s=[3.0, 5.0]).seconds == 0  # 2 free
+    # 4 slots, all running, ending in 1, 2, 3 and 4 s: the 3rd one ahead starts when the 4th ends
+    busy = [4.0, 1.0, 3.0, 2.0]
+    assert forecast_wait(ahead=3, slots=4, service_s=8.0, remaining_s=busy).seconds == pytest.approx(4.0)
+    assert forecast_wait(ahead=0, slots=4, service_s=8.0, remaining_s=busy).seconds == pytest.approx(1.0)
+    # then every slot frees again a service time later
+    assert forecast_wait(ahead=5, slots=4, service_s=8.0, remaining_s=busy).seconds == pytest.approx(2.0 + 8.0)
+
+
+def test_a_burst_that_started_together_frees_together():
+    # 10 started at once, 6 s each, 0.5 s ago: the 11th waits 5.5 s, not 6/10 s as a mean rate says
+    assert forecast_wait(ahead=0, slots=10, service_s=6.0, remaining_s=[5.5] * 10).seconds == pytest.approx(5.5)
 
 
 def test_admission_refuses_a_wait_beyond_the_start_deadline_with_an_honest_retry_after():
-    forecast = forecast_wait(ahead=59, free_slots=0, slots=4, service_s=2.0)  # 30 s
+    forecast = forecast_wait(ahead=59, slots=4, service_s=2.0, remaining_s=[2.0] * 4)  # 14 rounds + 2 s
+    assert forecast.seconds == pytest.approx(30.0)
     assert not admits(forecast, start_deadline_s=30, admit_within=0.8)
     assert admits(forecast, start_deadline_s=600, admit_within=0.8)  # low waits for room instead
     assert forecast.retry_after_s == 30

@@ -57,14 +57,16 @@ class RequestPlan:
 
 
 class _Slot:
-    """A window slot, released exactly once."""
+    """A window slot, released exactly once; the pool knows how long it is expected to be held."""
 
-    def __init__(self, pool: PoolState, cls: PriorityClass):
+    def __init__(self, pool: PoolState, cls: PriorityClass, expected_s: float):
         self._pool, self._cls, self._held = pool, cls, True
+        pool.started(self, cls, expected_s)
 
     def release(self) -> None:
         if self._held:
             self._held = False
+            self._pool.finished(self)
             self._pool.scheduler.release(self._cls)
 
 
@@ -87,7 +89,8 @@ class RequestLife:
             return waited
         self.plan.headers["x-queue-wait-ms"] = f"{waited * 1000:.0f}"
         self._started_at = self._clock()
-        return await self._call(call, _Slot(self.pool, self.plan.cls))
+        expected_s = self.pool.service_s(self.plan.cls, self.plan.max_tokens)
+        return await self._call(call, _Slot(self.pool, self.plan.cls, expected_s))
 
     def _refusal(self) -> Response | None:
         """503 while the pool cannot serve at all; 429 when it could not start this request in time."""
@@ -136,7 +139,10 @@ class RequestLife:
         except TimeoutError:
             calls.cancel_all()  # the replica's request is cancelled; vLLM aborts it
             slot.release()
-            what = "start deadline" if self.plan.stream else "deadline"
+            if self.plan.stream:
+                what = "start deadline"
+            else:  # a whole answer: the start deadline plus the generation budget, or the client's timeout
+                what = "X-Request-Timeout" if deadline == budgets.end_by else "deadline (start + generation)"
             return self._error(504, f"{what} of {deadline - budgets.arrived_at:.0f}s passed before the answer; "
                                     "the engine request was aborted")
         except OpenAIHTTPException as exc:

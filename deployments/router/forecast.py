@@ -59,17 +59,23 @@ class WaitForecast:
         return max(1, math.ceil(self.seconds))
 
 
-def forecast_wait(ahead: int, free_slots: int, slots: int, service_s: float) -> WaitForecast:
-    """Wait of a request with ``ahead`` requests to start before it and ``free_slots`` open now.
+def forecast_wait(ahead: int, slots: int, service_s: float, remaining_s: list[float]) -> WaitForecast:
+    """Wait of a request with ``ahead`` requests to start before it.
 
-    ``slots`` requests run at once, each for ``service_s`` on average, so one
-    slot frees every ``service_s / slots`` seconds; the request starts after
-    ``ahead + 1 - free_slots`` of them.
+    ``slots`` requests may run at once; ``remaining_s`` holds, for each one running now, the seconds
+    it is expected to go on (its expected service time less what it has run). The slots not running
+    are free now; the running ones free as their remaining times run out, and every slot then frees
+    again each ``service_s``. A burst that started together therefore frees together, which a mean
+    rate (Little's law) would not see.
     """
-    needed = ahead + 1 - max(0, free_slots)
+    running = sorted(remaining_s)[:slots]
+    needed = ahead + 1 - max(0, slots - len(running))
     if needed <= 0:
         return WaitForecast(0.0)
-    return WaitForecast(needed * service_s / max(1, slots))
+    if not running:
+        return WaitForecast(needed * service_s / max(1, slots))
+    rounds, index = divmod(needed - 1, len(running))
+    return WaitForecast(running[index] + rounds * service_s)
 
 
 def admits(forecast: WaitForecast, start_deadline_s: float, admit_within: float) -> bool:

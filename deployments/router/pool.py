@@ -56,6 +56,7 @@ class PoolState:
         self.not_ready_reason = "the model is loading"
         self.engine_load: dict = {}
         self._tpot_s: float | None = None  # the engine's latest fresh TPOT
+        self._running: dict[object, tuple[PriorityClass, float, float]] = {}  # -> (class, started, expected s)
         self.last_window_decision: WindowDecision | None = None
         self._probe_timeout_s = circuit.probe_timeout_s
         self._router_replicas = 1
@@ -76,6 +77,23 @@ class PoolState:
         took 1.5 s where 256 x the 50 ms SLO said 12.8 s, and refused half a flood the engine could take)."""
         return self.service[cls].estimate_s(max_tokens) or self.decode_s(cls, max_tokens)
 
+    def started(self, key: object, cls: PriorityClass, expected_s: float) -> None:
+        """A request took its slot and is expected to hold it for ``expected_s``."""
+        self._running[key] = (cls, time.monotonic(), expected_s)
+
+    def finished(self, key: object) -> None:
+        self._running.pop(key, None)
+
+    def _remaining_s(self, cls: PriorityClass, service_s: float) -> list[float]:
+        """Expected seconds left of each running request whose slot ``cls`` could take (its own class's
+        when capped, else all); one not known here counts as just started."""
+        capped = cls.label in self.queue_settings.max_in_flight_per_class
+        count = self.scheduler.running(cls) if capped else self.scheduler.in_flight
+        now = time.monotonic()
+        known = [max(0.0, expected - (now - started)) for c, started, expected in self._running.values()
+                 if not capped or c is cls]
+        return (known + [service_s] * count)[:count]
+
     def decode_s(self, cls: PriorityClass, max_tokens: int) -> float:
         """Seconds to generate ``max_tokens`` at the engine's current TPOT (its class's SLO when idle).
         A lower bound of the time after the first token: prefill is not in it."""
@@ -88,13 +106,14 @@ class PoolState:
         grow, so the wait is predicted with the window where it is heading (the batch at which the
         measured TPOT would reach the SLO, or its bound before that is known); otherwise as it is.
         """
-        return self._forecast(cls, self.scheduler.ahead_of(cls), self.scheduler.free_slots(cls),
-                              self.service_s(cls, max_tokens))
+        return self._forecast(cls, self.scheduler.ahead_of(cls), self.service_s(cls, max_tokens))
 
-    def _forecast(self, cls: PriorityClass, ahead: int, free_slots: int, service_s: float) -> WaitForecast:
+    def _forecast(self, cls: PriorityClass, ahead: int, service_s: float) -> WaitForecast:
+        if self.scheduler.free_slots(cls) > ahead:
+            return WaitForecast(0.0)  # starts now (a cap or a yield shows as no free slot)
         window = self.window.expected_limit() if self.window.has_headroom(self._tpot_s) else None
         slots = self.scheduler.slots_for(cls, None if window is None else max(1, int(window)))
-        return forecast_wait(ahead, free_slots, slots, service_s)
+        return forecast_wait(ahead, slots, service_s, self._remaining_s(cls, service_s))
 
     def unavailable(self) -> tuple[str, int] | None:
         """(reason, Retry-After s) while the pool cannot take requests at all; None when it can."""
@@ -193,7 +212,7 @@ class PoolState:
             service_s = self.service[cls].mean_s
             if service_s is None:  # nothing measured: no evidence to refuse on
                 return 0.0
-            return self._forecast(cls, ahead, free_slots=0, service_s=service_s).seconds
+            return self._forecast(cls, ahead, service_s).seconds
 
         shed = self.scheduler.shed_hopeless(predicted_wait, time.monotonic())
         if shed:

@@ -117,6 +117,9 @@ class PriorityScheduler:
         return may_start(cls, self.in_flight, self._settings, self._running[cls], high_active, self._replicas,
                          self._window)
 
+    def running(self, cls: PriorityClass) -> int:
+        return self._running[cls]
+
     def ahead_of(self, cls: PriorityClass) -> int:
         """Requests that start before a new one of ``cls``: those queued in it and in more urgent classes."""
         return sum(len(self._queues[c]) for c in PriorityClass if c <= cls)
