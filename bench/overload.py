@@ -349,7 +349,11 @@ def ratios(rows: list[dict]) -> list[dict]:
         if r["target"] != "ours" or r["class"] != "high":
             continue
         stock, bare = get("stock", r["workload"], r["level"]), get("bare", r["workload"], r["level"])
-        div = lambda a, b: (a / b) if a is not None and b else None
+
+        def div(a, b):
+            if a is None or b is None:
+                return None
+            return a / b if b else ("inf (stock 0)" if a else None)
         level_rows = [x for x in rows if (x["target"], x["workload"], x["level"]) == ("ours", r["workload"], r["level"])]
         generated = r["generated"]
         out.append({
@@ -361,6 +365,15 @@ def ratios(rows: list[dict]) -> list[dict]:
                                             else (r["ttft_p50_s"] - bare["ttft_p50_s"]) * 1000),
             "wasted_share_ours": div(r["wasted"], generated),
             "503_ours": sum(x["503"] for x in level_rows),
+        })
+    idle = {t: get(t, "ramp", "1 clients") for t in ("ours", "stock")}
+    flood = {t: get(t, "flood", "flood") for t in ("ours", "stock")}
+    if all(idle.values()) and all(flood.values()):
+        out.append({
+            "workload": "flood", "level": "high TTFT p99: flood over idle (1 client)",
+            "ours": flood["ours"]["ttft_p99_s"] / idle["ours"]["ttft_p99_s"],
+            "stock": flood["stock"]["ttft_p99_s"] / idle["stock"]["ttft_p99_s"],
+            "stock_p99_over_ours_p99": flood["stock"]["ttft_p99_s"] / flood["ours"]["ttft_p99_s"],
         })
     return out
 
