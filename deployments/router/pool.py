@@ -20,14 +20,13 @@ import logging
 import time
 from typing import Any
 
-from ray.serve.llm.openai_api_models import ChatCompletionRequest
-
-from deployments.router.circuit_breaker import CircuitBreaker, CircuitState
+from deployments.router.circuit_breaker import CircuitBreaker
 from deployments.router.forecast import ServiceMeter, WaitForecast, forecast_wait
 from deployments.router.pools import PoolRoute
 from deployments.router.scheduler import PriorityScheduler
 from deployments.router.settings import CircuitSettings, PriorityClass, QueueSettings
 from deployments.router.window import AdaptiveWindow, EngineSample, WindowDecision
+from deployments.warm_up import one_token_request
 
 logger = logging.getLogger("ray.serve")
 
@@ -54,7 +53,6 @@ class PoolState:
         self.service = {cls: ServiceMeter() for cls in PriorityClass}
         self.ready = False
         self.not_ready_reason = "the model is loading"
-        self.engine_load: dict = {}
         self._tpot_s: float | None = None  # the engine's latest fresh TPOT
         self._running: dict[object, tuple[PriorityClass, float, float]] = {}  # -> (class, started, expected s)
         self.last_window_decision: WindowDecision | None = None
@@ -173,8 +171,7 @@ class PoolState:
 
     async def probe(self) -> str | None:
         """Send a one-token chat request to the pool; None if it answered, else why not."""
-        request = ChatCompletionRequest(model=self.model_id, messages=[{"role": "user", "content": "Hi"}],
-                                        max_tokens=1, temperature=0.0, stream=False)
+        request = one_token_request(self.model_id)
         try:
             async with asyncio.timeout(self._probe_timeout_s):
                 async for response in self.streaming_handle.chat.remote(request):
@@ -191,7 +188,6 @@ class PoolState:
     async def _poll_engine(self) -> None:
         async with asyncio.timeout(self._probe_timeout_s):
             load = await self.handle.engine_load.remote()
-        self.engine_load = load
         tpot = load.get("tpot_s")
         if tpot is not None and time.time() - load.get("tpot_at", 0) > _STALE_POLLS * POLL_S:
             tpot = None
@@ -218,7 +214,3 @@ class PoolState:
         if shed:
             logger.info("pool %s: %d queued requests could no longer start in time; refused (429)",
                         self.route.name, shed)
-
-    @property
-    def healthy(self) -> bool:
-        return self.ready and self.circuit.state is CircuitState.CLOSED

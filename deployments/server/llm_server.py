@@ -16,6 +16,7 @@ from ray.serve.llm.deployment import LLMServer
 
 from deployments.autoscaling.gpu import device_uuids, sample_utilization
 from deployments.server.engine_load import current_load
+from deployments.warm_up import one_token_request
 
 logger = logging.getLogger("ray.serve")
 
@@ -29,9 +30,6 @@ def _worker_gpu_uuid(worker) -> str | None:
     return f"GPU-{torch.cuda.get_device_properties(torch.cuda.current_device()).uuid}"
 
 
-WARM_UP_PROMPT = "Hi"
-
-
 class ObservedLLMServer(LLMServer):
     _gpu_group: list[str] | None = None
 
@@ -40,12 +38,8 @@ class ObservedLLMServer(LLMServer):
         await self._warm_up()
 
     async def _warm_up(self) -> None:
-        from ray.serve.llm.openai_api_models import ChatCompletionRequest
-
         started = time.monotonic()
-        request = ChatCompletionRequest(model=self._llm_config.model_id, max_tokens=1, temperature=0.0,
-                                        messages=[{"role": "user", "content": WARM_UP_PROMPT}], stream=False)
-        async for _ in await self.chat(request):
+        async for _ in await self.chat(one_token_request(self._llm_config.model_id)):
             pass
         logger.info("engine warmed up: first one-token answer after %.1fs", time.monotonic() - started)
 
