@@ -10,8 +10,10 @@ machine, one after the other. Workloads (streamed, `include_usage`):
 - **poisson**: open-loop arrivals of the same chat at 0.5x, 1x, 2x and 4x the
   engine's measured capacity (completions per second of the first target at its
   busiest ramp level, so every target sees the same offered load);
-- **flood**: the priority flood: short chats (1/s) plus long (~2.2k-token)
-  low-priority prompts (1 every 4 s), Poisson arrivals.
+- **flood**: the priority flood of bench/priority_flood.py: one-sentence chats
+  (16 tokens, 2/s) alone ("idle"), then the same plus long (~2.2k-token)
+  low-priority prompts (1 every 2 s, "flood"), Poisson arrivals; the goal is
+  the chats' TTFT p99 under the flood against idle.
 
 Bare vLLM (`python -m vllm.entrypoints.openai.api_server`) runs the ramp's 1-
 and 32-client levels only: at low load and at saturation, so the router's own
@@ -50,7 +52,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.priority_flood import deploy, percentile  # noqa: E402
+from bench.priority_flood import deploy, percentile, short_chat  # noqa: E402
 
 BASE_URL = "http://127.0.0.1:8000"
 BARE_PORT = 8001
@@ -80,8 +82,10 @@ class Sample:
 # --- the client ---------------------------------------------------------------------
 
 
-def chat_body(model: str, cls: str, i: int, args) -> dict:
-    if cls == "low":
+def chat_body(model: str, cls: str, i: int, args, workload: str = "ramp") -> dict:
+    if workload == "flood" and cls == "high":
+        messages, max_tokens = short_chat(i), args.flood_high_tokens
+    elif cls == "low":
         rng = random.Random(i)
         text = " ".join(rng.choice(TOPICS) for _ in range(args.low_words))
         messages, max_tokens = [{"role": "user", "content": f"Summarise this log {i}:\n{text}"}], args.low_tokens
@@ -157,7 +161,7 @@ async def open_loop(url, model, target, workload, level, rates: dict[str, float]
         async def arrivals(cls, rate):
             rng, i = random.Random(seed + hash(cls) % 1000), 0
             while time.monotonic() - start < args.level_s:
-                tasks.append(asyncio.create_task(one(c, url, chat_body(model, cls, i, args), target, workload,
+                tasks.append(asyncio.create_task(one(c, url, chat_body(model, cls, i, args, workload), target, workload,
                                                      level, cls, start)))
                 i += 1
                 await asyncio.sleep(rng.expovariate(rate))
@@ -275,6 +279,7 @@ def run_target(target: str, args, capacity: dict) -> tuple[list[Sample], dict]:
         for factor in args.poisson:
             measure("poisson", f"{factor}x", open_loop(url, model, target, "poisson", f"{factor}x",
                                                        {"high": factor * cap}, args, seed=int(factor * 10)))
+        measure("flood", "idle", open_loop(url, model, target, "flood", "idle", {"high": args.flood_high_rps}, args))
         measure("flood", "flood", open_loop(url, model, target, "flood", "flood",
                                             {"high": args.flood_high_rps, "low": args.flood_low_rps}, args))
     finally:
@@ -366,11 +371,11 @@ def ratios(rows: list[dict]) -> list[dict]:
             "wasted_share_ours": div(r["wasted"], generated),
             "503_ours": sum(x["503"] for x in level_rows),
         })
-    idle = {t: get(t, "ramp", "1 clients") for t in ("ours", "stock")}
+    idle = {t: get(t, "flood", "idle") for t in ("ours", "stock")}
     flood = {t: get(t, "flood", "flood") for t in ("ours", "stock")}
     if all(idle.values()) and all(flood.values()):
         out.append({
-            "workload": "flood", "level": "high TTFT p99: flood over idle (1 client)",
+            "workload": "flood", "level": "high TTFT p99: flood over idle",
             "ours": flood["ours"]["ttft_p99_s"] / idle["ours"]["ttft_p99_s"],
             "stock": flood["stock"]["ttft_p99_s"] / idle["stock"]["ttft_p99_s"],
             "stock_p99_over_ours_p99": flood["stock"]["ttft_p99_s"] / flood["ours"]["ttft_p99_s"],
@@ -418,8 +423,9 @@ def main() -> None:
     parser.add_argument("--poisson", type=lambda s: [float(x) for x in s.split(",")], default=[0.5, 1.0, 2.0, 4.0])
     parser.add_argument("--level-s", type=float, default=30.0, help="seconds each level sends for")
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--flood-high-rps", type=float, default=1.0, help="short chats during the flood")
-    parser.add_argument("--flood-low-rps", type=float, default=0.25, help="long low-class prompts")
+    parser.add_argument("--flood-high-rps", type=float, default=2.0, help="one-sentence chats, idle and flood")
+    parser.add_argument("--flood-high-tokens", type=int, default=16)
+    parser.add_argument("--flood-low-rps", type=float, default=0.5, help="long low-class prompts")
     parser.add_argument("--low-words", type=int, default=2200)
     parser.add_argument("--low-tokens", type=int, default=32)
     parser.add_argument("--client-timeout", type=float, default=300.0)

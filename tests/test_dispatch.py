@@ -194,6 +194,34 @@ def test_a_stream_that_keeps_flowing_is_not_killed_and_completes():
     assert len(run(scenario())) == 10 and pool.service[P.HIGH].mean_s > 0
 
 
+def test_a_long_prompt_counts_as_in_prefill_until_its_first_token():
+    seen = {}
+
+    def call_on(pool):
+        async def call():
+            seen["during"] = pool.prefilling  # the replica is prefilling the prompt now
+            replica_call(pool)
+
+            async def tokens():
+                yield "data: {}\n\n"
+            return StreamingResponse(tokens(), media_type="text/event-stream")
+        return call
+
+    pool = make_pool()
+
+    async def scenario():
+        response = await RequestLife(plan(pool, cls=P.LOW, stream=True), pool).run(call_on(pool))
+        seen["after_first_token"] = bool(pool._prefilling)
+        await read_stream(response)
+
+    run(scenario())
+    assert seen == {"during": True, "after_first_token": False}
+    assert pool.prefilling  # its steps are still in the engine's smoothed TPOT for a moment
+    high = make_pool()
+    run(RequestLife(plan(high, stream=True), high).run(call_on(high)))
+    assert seen["during"] is False  # a short (high) prompt is not interference
+
+
 def test_replica_errors_open_the_circuit_then_requests_get_503_without_a_call():
     pool = make_pool()
 

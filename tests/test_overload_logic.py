@@ -46,15 +46,46 @@ def settle(engine: Engine, rounds=200, settings=WindowSettings()) -> list[int]:
 def test_window_grows_while_tpot_is_under_the_slo_and_the_window_is_full():
     window = AdaptiveWindow(WindowSettings(initial=4), SLO)
     decision = window.observe(busy(0.01, in_use=4))
-    assert decision.move is WindowMove.GROW and window.per_replica == 8  # slow start: doubling
-    for _ in range(5):
-        window.observe(busy(0.01, in_use=window.per_replica))
-    assert window.per_replica == 256  # from 4 to the bound in six measurements
+    # slow start grows by the measured headroom: 0.8 x 50 ms / 10 ms = x4
+    assert decision.move is WindowMove.GROW and window.per_replica == 16
+    window.observe(busy(0.035, in_use=16))  # little headroom (x1.14): still at least doubles
+    assert window.per_replica == 32
+    window.observe(busy(0.001, in_use=32))  # huge headroom: at most x8 per measurement
+    assert window.per_replica == 256
+    window.observe(busy(0.001, in_use=256))
+    assert window.per_replica == 512  # the bound
     window = AdaptiveWindow(WindowSettings(initial=64), SLO)
     window.observe(busy(0.08, in_use=64))  # the first cut ends slow start
     assert window.per_replica == 51
     window.observe(busy(0.01, in_use=51))
     assert window.per_replica == 64  # x1.25 from now on
+
+
+def test_a_fast_engine_reaches_hundreds_in_a_few_polls_from_idle():
+    gpu = Engine(base_s=0.008, knee=64, per_extra_s=0.0001)  # H200-like: 8 ms per token, flat to 64
+    window = AdaptiveWindow(WindowSettings(), SLO)
+    polls = 0
+    while window.per_replica < 256:
+        window.observe(busy(gpu.tpot(window.per_replica), in_use=window.per_replica, queued=256))
+        polls += 1
+    assert polls <= 3  # 4 -> 20 -> 100 -> 256+: doubling needed six
+
+
+def test_prefill_interference_is_not_decode_congestion():
+    cpu = Engine(base_s=0.03, knee=1, per_extra_s=0.004)  # the SLO (50 ms) at 6 per replica
+    window = AdaptiveWindow(WindowSettings(initial=8), SLO)
+    for batch in (1, 2, 3, 4, 5):  # clean samples teach the TPOT line
+        window.observe(busy(cpu.tpot(batch), in_use=batch, queued=0))
+    limit = window.per_replica
+    # a long prompt in prefill pushes TPOT over the SLO at a batch the line says fits: hold, learn nothing
+    decision = window.observe(EngineSample(0.09, 0.3, 4, 3, True, prefilling=True))
+    assert decision.move is WindowMove.HOLD and window.per_replica == limit
+    assert dict(window.points)[4] == pytest.approx(cpu.tpot(4))
+    # at a batch the clean line says is too big, over the SLO is congestion even with a prefill
+    assert window.observe(EngineSample(0.09, 0.3, 8, 3, True, prefilling=True)).move is WindowMove.SHRINK
+    # nothing learnt yet: an over-SLO sample cuts, prefill or not
+    fresh = AdaptiveWindow(WindowSettings(initial=8), SLO)
+    assert fresh.observe(EngineSample(0.09, 0.3, 8, 3, True, prefilling=True)).move is WindowMove.SHRINK
 
 
 def test_window_holds_when_not_full_or_near_the_slo():

@@ -63,6 +63,9 @@ class _Slot:
         self._pool, self._cls, self._held = pool, cls, True
         pool.started(self, cls, expected_s)
 
+    def first_token(self) -> None:
+        self._pool.first_token(self)
+
     def release(self) -> None:
         if self._held:
             self._held = False
@@ -162,6 +165,7 @@ class RequestLife:
         finally:
             calls.detach()
         if isinstance(response, StreamingResponse):
+            slot.first_token()  # a stream's call returns at its first token
             response.body_iterator = self._guard_stream(response.body_iterator, slot, calls)
         else:
             slot.release()

@@ -37,6 +37,9 @@ logger = logging.getLogger("ray.serve")
 POLL_S = 0.5
 # A TPOT older than this many polls describes an engine that stopped decoding.
 _STALE_POLLS = 3
+# The engine's smoothed TPOT forgets a prefill's steps within about ten steps; samples this many polls
+# after a long prompt's prefill still carry it.
+_PREFILL_ECHO_POLLS = 2
 
 
 class PoolState:
@@ -55,6 +58,8 @@ class PoolState:
         self.not_ready_reason = "the model is loading"
         self._tpot_s: float | None = None  # the engine's latest fresh TPOT
         self._running: dict[object, tuple[PriorityClass, float, float]] = {}  # -> (class, started, expected s)
+        self._prefilling: set[object] = set()  # long prompts (medium, low) started, first token not yet seen
+        self._prefill_ended_at = -float("inf")
         self.last_window_decision: WindowDecision | None = None
         self._probe_timeout_s = circuit.probe_timeout_s
         self._router_replicas = 1
@@ -76,11 +81,25 @@ class PoolState:
         return self.service[cls].estimate_s(max_tokens) or self.decode_s(cls, max_tokens)
 
     def started(self, key: object, cls: PriorityClass, expected_s: float) -> None:
-        """A request took its slot and is expected to hold it for ``expected_s``."""
+        """A request took its slot and is expected to hold it for ``expected_s``. A medium or low one
+        (a long prompt, by classification) counts as in prefill until ``first_token`` or ``finished``."""
         self._running[key] = (cls, time.monotonic(), expected_s)
+        if cls is not PriorityClass.HIGH:
+            self._prefilling.add(key)
+
+    def first_token(self, key: object) -> None:
+        if key in self._prefilling:
+            self._prefilling.discard(key)
+            self._prefill_ended_at = time.monotonic()
 
     def finished(self, key: object) -> None:
+        self.first_token(key)  # a whole (non-streamed) answer: its prefill is over by its end at the latest
         self._running.pop(key, None)
+
+    @property
+    def prefilling(self) -> bool:
+        """Is a long prompt in prefill, or was one a moment ago (its steps are still in the smoothed TPOT)?"""
+        return bool(self._prefilling) or time.monotonic() - self._prefill_ended_at < _PREFILL_ECHO_POLLS * POLL_S
 
     def _remaining_s(self, cls: PriorityClass, service_s: float) -> list[float]:
         """Expected seconds left of each running request whose slot ``cls`` could take (its own class's
@@ -194,7 +213,7 @@ class PoolState:
         self._tpot_s = tpot
         sample = EngineSample(tpot_s=tpot, kv_cache_usage=float(load.get("kv_cache_usage", 0.0)),
                               in_use=self.scheduler.in_flight, queued=self.queued,
-                              window_bound=self.scheduler.window_bound())
+                              window_bound=self.scheduler.window_bound(), prefilling=self.prefilling)
         decision = self.window.observe(sample, self.scheduler.replicas)
         if decision.move.value != "hold" or self.last_window_decision is None:
             logger.info("pool %s: window %s to %d per replica: %s", self.route.name, decision.move.value,

@@ -96,7 +96,9 @@ class WindowSettings(_Strict):
     max: int = Field(512, ge=1, description="sanity bound, above vLLM's default max_num_seqs of 256 so that "
                                             "one class can fill the engine beside the high reserve")
     grow_below: float = Field(0.8, gt=0, lt=1, description="grow while TPOT < this share of the SLO")
-    slow_start_increase: float = Field(2.0, gt=1, description="growth per measurement until the first cut")
+    slow_start_increase: float = Field(2.0, gt=1, description="least growth per measurement until the first cut")
+    max_increase: float = Field(8.0, gt=1, description="most growth per measurement in slow start, where the "
+                                                       "measured headroom (grow_below x SLO / TPOT) sets it")
     increase: float = Field(1.25, gt=1, description="growth per measurement with room, after the first cut")
     decrease: float = Field(0.8, gt=0, lt=1, description="multiplicative cut per measurement over the SLO")
     kv_cache_high: float = Field(0.95, gt=0, le=1, description="KV-cache usage at which the window stops growing")
@@ -105,6 +107,8 @@ class WindowSettings(_Strict):
     def _ordered(self):
         if not self.min <= self.initial <= self.max:
             raise ValueError("window: need min <= initial <= max")
+        if self.max_increase < self.slow_start_increase:
+            raise ValueError("window: need slow_start_increase <= max_increase")
         return self
 
 
