@@ -4,6 +4,10 @@ Warm-up: vLLM's engine reports started before its first generation has run
 (on the CPU engine that first one took over a minute, compiling kernels). The
 replica generates one token for itself before its constructor returns, so
 Serve marks it RUNNING and routes to it only once it really answers.
+
+Seeded sampling: before that warm-up the replica makes vLLM's workers safe for
+seeded requests under chunked prefill (``seeded_sampling.py``; a no-op where
+vLLM's generator rewind works, as on GPUs).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from ray.serve.llm.deployment import LLMServer
 
 from deployments.autoscaling.gpu import device_uuids, sample_utilization
 from deployments.server.engine_load import current_load
+from deployments.server.seeded_sampling import RPC_METHOD, extension_kwargs
 from deployments.warm_up import one_token_request
 
 logger = logging.getLogger("ray.serve")
@@ -34,8 +39,31 @@ class ObservedLLMServer(LLMServer):
     _gpu_group: list[str] | None = None
 
     async def start(self):
+        self._add_seeded_sampling_extension()
         await super().start()
+        await self._make_seeded_sampling_safe()
         await self._warm_up()
+
+    def _add_seeded_sampling_extension(self) -> None:
+        added = extension_kwargs(self._llm_config.engine_kwargs or {})
+        if added is None:
+            logger.warning("profile sets its own worker_extension_cls; seeded sampling left as vLLM has it")
+            return
+        # update_engine_kwargs (newer Ray) also reaches an engine config cached before start.
+        update = getattr(self._llm_config, "update_engine_kwargs", None)
+        if update is not None:
+            update(**added)
+        else:
+            self._llm_config.engine_kwargs = {**self._llm_config.engine_kwargs, **added}
+
+    async def _make_seeded_sampling_safe(self) -> None:
+        try:
+            outcomes = await self.collective_rpc(RPC_METHOD)
+        except Exception:
+            # Not fatal to the replica: only seeded requests are at risk, and the log says so.
+            logger.warning("could not patch seeded sampling; seeded requests may fail", exc_info=True)
+            return
+        logger.info("seeded sampling: %s", "; ".join(map(str, outcomes)))
 
     async def _warm_up(self) -> None:
         started = time.monotonic()
