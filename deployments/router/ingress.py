@@ -32,6 +32,7 @@ from deployments.router.cancellation import TrackingHandle
 from deployments.router.classification import PRIORITY_HEADER, classify
 from deployments.router.dispatch import RequestLife, RequestPlan
 from deployments.router.errors import install_openai_error_handlers, openai_error
+from deployments.router.json_body import JsonBody
 from deployments.router.pool import PoolState
 from deployments.router.pools import PoolRoute, choose_pool, tokens_needed
 from deployments.router.replica_counts import follow_replica_counts
@@ -188,5 +189,7 @@ def router_ingress_class(max_request_bytes: int) -> type:
     """The Router class wired to its FastAPI app, ready for serve.deployment."""
     app = init()  # ray.serve.llm's app: request ids, CORS, HTTP metrics, error middleware
     install_openai_error_handlers(app)
+    # Added first, so it runs inside BodySizeLimit: declared oversize bodies never get read.
+    app.add_middleware(JsonBody, max_bytes=max_request_bytes)
     app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
     return make_fastapi_ingress(Router, endpoint_map=ENDPOINTS, app=app)
