@@ -96,7 +96,9 @@ class Router(OpenAiIngress):
         problem = check_chat_messages(body.messages)
         if problem is not None:
             return _problem_response(problem, request)
-        return await self._serve(body, request, "chat", lambda: self._tokens.chat(body.messages))
+        return await self._serve(body, request, "chat", lambda: self._tokens.chat(
+            body.messages, add_generation_prompt=body.add_generation_prompt,
+            continue_final_message=body.continue_final_message))
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         return await self._serve(body, request, "completions", lambda: self._tokens.completion(body.prompt))

@@ -1,17 +1,76 @@
-"""Count a prompt's tokens the way the engine will: served tokenizer, after the chat template."""
+"""Count a prompt's tokens the way the engine will: served tokenizer, after the chat template.
+
+The class a request gets hangs on this count, so it follows vLLM's own chat
+rendering (``vllm.entrypoints.chat_utils._parse_chat_message_content``) for
+text content, not an approximation of it:
+
+- the chat template's *content format* decides what a message's content is:
+  "string" templates get text (a list of text parts joined with newlines, as
+  vLLM joins them), "openai" templates get the list of ``{"type": "text"}``
+  parts; vLLM's own detector decides which, where it is importable; in the
+  "string" format empty texts are dropped before the join, as vLLM drops them;
+- text parts are ``text``, ``input_text``, ``output_text``, ``refusal`` and
+  ``thinking``; a part whose text is null is skipped;
+- a tool message's text parts are joined into a string in either format;
+- ``add_generation_prompt`` / ``continue_final_message`` come from the request;
+- the rendered prompt is tokenised without adding special tokens (vLLM's
+  default for chat).
+"""
 
 from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
 
+# vLLM's text-like content part types and the key that holds their text.
+TEXT_PART_KEYS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal",
+                  "thinking": "thinking"}
 
-def _text_of(content: Any) -> str:
-    """Message content as text: a string, or the text parts of a content-part list."""
+
+def detect_content_format(chat_template: str | None) -> str:
+    """"string" or "openai", decided by vLLM's detector (0.29: renderers.hf; older: entrypoints.chat_utils)."""
+    if not chat_template:
+        return "string"
+    try:
+        from vllm.renderers.hf import _detect_content_format
+    except ImportError:
+        try:
+            from vllm.entrypoints.chat_utils import _detect_content_format
+        except ImportError:
+            return "string"  # vLLM's default when it cannot tell
+    return _detect_content_format(chat_template, default="string")
+
+
+def text_parts(content: Any) -> list[str]:
+    """The texts of a message's content: one for a string, one per text part of a list."""
     if content is None:
-        return ""
+        return []
     if isinstance(content, str):
-        return content
-    return "".join(part.get("text", "") for part in content if isinstance(part, Mapping))
+        return [content]
+    texts = []
+    for part in content:
+        if isinstance(part, str):
+            texts.append(part)
+        elif isinstance(part, Mapping) and part.get("type") in TEXT_PART_KEYS:
+            text = part.get(TEXT_PART_KEYS[part["type"]])
+            if text is not None:
+                texts.append(text)
+    return texts
+
+
+def render_message(message: Mapping[str, Any], content_format: str) -> dict[str, Any]:
+    """One message as vLLM hands it to the chat template (text content only)."""
+    role = message.get("role", "user")
+    texts = text_parts(message.get("content"))
+    if content_format == "openai":
+        # Parts stay parts (empty ones too); a tool's are joined into a string.
+        content: Any = "\n".join(texts) if role == "tool" else [{"type": "text", "text": t} for t in texts]
+    else:
+        content = "\n".join(t for t in texts if t)  # vLLM drops empty texts before joining
+    rendered = {"role": role, "content": content}
+    for key in ("name", "tool_call_id"):
+        if isinstance(message.get(key), str):
+            rendered[key] = message[key]
+    return rendered
 
 
 class PromptTokenCounter:
@@ -19,17 +78,21 @@ class PromptTokenCounter:
         from transformers import AutoTokenizer  # heavy; only in the router replica
 
         self._tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+        self._content_format = detect_content_format(getattr(self._tokenizer, "chat_template", None))
 
     def _count(self, text: str) -> int:
         return len(self._tokenizer.encode(text, add_special_tokens=False))
 
-    def chat(self, messages: Iterable[Mapping[str, Any]]) -> int:
-        plain = [{"role": m.get("role", "user"), "content": _text_of(m.get("content"))} for m in messages]
+    def chat(self, messages: Iterable[Mapping[str, Any]], *, add_generation_prompt: bool = True,
+             continue_final_message: bool = False) -> int:
+        conversation = [render_message(m, self._content_format) for m in messages]
         try:
-            text = self._tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
+            text = self._tokenizer.apply_chat_template(
+                conversation, add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message, tokenize=False)
         except Exception:
             # A template that rejects this shape (e.g. tool turns) still gets a fair count.
-            text = "\n".join(m["content"] for m in plain)
+            text = "\n".join("\n".join(text_parts(m.get("content"))) for m in messages)
         return self._count(text)
 
     def completion(self, prompt: Any) -> int:
