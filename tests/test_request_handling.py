@@ -1,0 +1,206 @@
+"""Unit tests of how requests are read and run: JSON bodies whatever their
+Content-Type, ``n: null`` on completions, prompt rendering for the token count,
+and seeded sampling under chunked prefill on CPU generators (issue 11).
+
+Fast: no Ray, no engine; the live counterparts are in tests/test_api.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from deployments.router.json_body import JsonBody, as_json_request, declares_json, json_problem
+from deployments.router.request_models import CompletionRequest
+from deployments.router.tokens import render_message, text_parts
+from deployments.server.seeded_sampling import (
+    EXTENSION_QUALNAME, SeededSamplingExtension, discarded_generators, extension_kwargs,
+    generator_lacks_offset, make_seeded_sampling_safe,
+)
+
+# --- JSON bodies -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content_type", [b"application/json", b"Application/JSON; charset=utf-8",
+                                          b"application/vnd.api+json"])
+def test_json_content_types_pass_straight_through(content_type):
+    assert declares_json(content_type)
+
+
+@pytest.mark.parametrize("content_type", [None, b"", b"application/x-www-form-urlencoded", b"text/plain",
+                                          b"text/json-ish", b"multipart/form-data; boundary=x"])
+def test_other_content_types_are_read_as_json(content_type):
+    assert not declares_json(content_type)
+
+
+def test_json_problem():
+    assert json_problem(b'{"model": "m"}') is None
+    assert json_problem(b"") is None  # the endpoint's own check answers a missing body
+    assert "not valid JSON" in json_problem(b"model=m&prompt=hi")
+    assert json_problem(b"\xff\xfe{") is not None
+
+
+def test_content_type_is_replaced_not_added():
+    headers = [(b"host", b"x"), (b"Content-Type", b"text/plain"), (b"content-length", b"2")]
+    assert as_json_request(headers) == [(b"host", b"x"), (b"content-length", b"2"),
+                                        (b"content-type", b"application/json")]
+
+
+def _call(max_bytes, headers, body_chunks):
+    """Run the ASGI middleware once; what the app saw and what was sent."""
+    seen, sent = {}, []
+
+    async def app(scope, receive, send):
+        seen["headers"] = scope["headers"]
+        seen["body"] = (await receive())["body"]
+
+    messages = [{"type": "http.request", "body": c, "more_body": i < len(body_chunks) - 1}
+                for i, c in enumerate(body_chunks)]
+
+    async def receive():
+        return messages.pop(0)
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": headers}
+    asyncio.run(JsonBody(app, max_bytes=max_bytes)(scope, receive, send))
+    return seen, sent
+
+
+def test_middleware_serves_a_form_declared_json_body_as_json():
+    body = json.dumps({"model": "m", "prompt": "hi"}).encode()
+    seen, sent = _call(1000, [(b"content-type", b"application/x-www-form-urlencoded")], [body[:5], body[5:]])
+    assert seen["body"] == body and (b"content-type", b"application/json") in seen["headers"]
+    assert not sent
+
+
+def test_middleware_answers_a_non_json_body_with_an_openai_400():
+    seen, sent = _call(1000, [(b"content-type", b"text/plain")], [b"hello there"])
+    assert not seen
+    assert sent[0]["status"] == 400
+    error = json.loads(sent[1]["body"])["error"]
+    assert error["type"] == "invalid_request_error" and "JSON" in error["message"]
+
+
+def test_middleware_caps_what_it_reads():
+    seen, sent = _call(10, [], [b'{"prompt": ', b'"a long prompt"}'])
+    assert not seen and sent[0]["status"] == 413
+
+
+# --- n: null -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("given, expected", [({"n": None}, 1), ({}, 1), ({"n": 3}, 3)])
+def test_completion_n_null_means_one(given, expected):
+    assert CompletionRequest.model_validate({"model": "m", "prompt": "hi", **given}).n == expected
+
+
+# --- prompt rendering for the token count ------------------------------------
+
+TWO_PARTS = [{"type": "text", "text": "What is the capital"}, {"type": "text", "text": " of France?"}]
+
+
+def test_text_parts_are_joined_with_newlines_like_vllm():
+    message = {"role": "user", "content": TWO_PARTS}
+    assert render_message(message, "string") == {"role": "user", "content": "What is the capital\n of France?"}
+
+
+def test_empty_texts_are_dropped_from_string_content_only():
+    message = {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": ""}, "b"]}
+    assert render_message(message, "string")["content"] == "a\nb"
+    assert len(render_message(message, "openai")["content"]) == 3
+
+
+def test_openai_format_keeps_the_parts():
+    rendered = render_message({"role": "user", "content": "hi"}, "openai")
+    assert rendered["content"] == [{"type": "text", "text": "hi"}]
+
+
+def test_tool_content_is_always_a_string():
+    message = {"role": "tool", "tool_call_id": "c1", "content": TWO_PARTS}
+    assert render_message(message, "openai") == {"role": "tool", "content": "What is the capital\n of France?",
+                                                  "tool_call_id": "c1"}
+
+
+def test_text_like_parts_and_null_texts():
+    content = ["plain", {"type": "refusal", "refusal": "no"}, {"type": "text", "text": None},
+               {"type": "input_text", "text": "in"}, {"type": "image_url", "image_url": {"url": "x"}}]
+    assert text_parts(content) == ["plain", "no", "in"]
+    assert text_parts(None) == [] and text_parts("s") == ["s"]
+
+
+# --- seeded sampling on CPU generators ---------------------------------------
+
+
+def test_cpu_generators_lack_the_offset_vllm_rewinds():
+    assert generator_lacks_offset("cpu")
+
+
+def _fake_runner(discard: list[bool]):
+    """A model runner with vLLM's shape where it matters: seeded CPU generators, the discard mask."""
+    generators = {i: torch.Generator(device="cpu").manual_seed(1234 + i) for i in range(len(discard))}
+    batch = SimpleNamespace(num_reqs=len(discard), generators=generators)
+    runner = SimpleNamespace(device=torch.device("cpu"), input_batch=batch,
+                             discard_request_mask=SimpleNamespace(np=np.array(discard)))
+
+    def sample():  # draws from every request's generator, as vLLM's sampler does
+        return [torch.empty(8).exponential_(generator=g).tolist() for g in batch.generators.values()]
+
+    def bookkeeping():  # vLLM's rewind, verbatim in effect: fails on CPU generators
+        for i in np.nonzero(runner.discard_request_mask.np[: batch.num_reqs])[0]:
+            gen = batch.generators.get(int(i))
+            if gen is not None:
+                gen.set_offset(gen.get_offset() - 4)
+        return "done"
+
+    runner._sample, runner._bookkeeping_sync = sample, bookkeeping
+    return runner
+
+
+def test_unpatched_rewind_fails_on_cpu():
+    runner = _fake_runner([True])
+    runner._sample()
+    with pytest.raises(RuntimeError, match="offset"):
+        runner._bookkeeping_sync()
+
+
+def test_patched_runner_rewinds_discarded_requests_exactly():
+    runner = _fake_runner([True, False])
+    assert make_seeded_sampling_safe(SimpleNamespace(model_runner=runner)).startswith("patched")
+    first = runner._sample()
+    assert runner._bookkeeping_sync() == "done"
+    second = runner._sample()
+    assert second[0] == first[0]  # discarded: the draw is as if it never happened
+    assert second[1] != first[1]  # kept: its generator moved on
+    assert runner.input_batch.generators  # restored after bookkeeping
+
+
+def test_patch_is_applied_once_and_only_where_needed():
+    runner = _fake_runner([False])
+    worker = SimpleNamespace(model_runner=runner)
+    make_seeded_sampling_safe(worker)
+    assert make_seeded_sampling_safe(worker) == "unchanged: already patched"
+    assert make_seeded_sampling_safe(SimpleNamespace(model_runner=None)).startswith("unchanged")
+    assert make_seeded_sampling_safe(SimpleNamespace(model_runner=SimpleNamespace(device="cpu"))).startswith(
+        "unchanged: this vLLM")
+
+
+def test_discarded_generators_follow_the_mask():
+    runner = _fake_runner([False, True, True])
+    del runner.input_batch.generators[2]  # an unseeded request has none
+    assert discarded_generators(runner) == [runner.input_batch.generators[1]]
+
+
+def test_extension_is_added_unless_the_profile_names_its_own():
+    assert extension_kwargs({}) == {"worker_extension_cls": EXTENSION_QUALNAME}
+    assert extension_kwargs({"worker_extension_cls": EXTENSION_QUALNAME}) == {"worker_extension_cls": EXTENSION_QUALNAME}
+    assert extension_kwargs({"worker_extension_cls": "other.Ext"}) is None
+    # vLLM refuses an extension whose attributes clash with its worker's: one distinct name.
+    assert [a for a in dir(SeededSamplingExtension) if not a.startswith("__")] == [
+        "llm_serving_make_seeded_sampling_safe"]
