@@ -54,6 +54,13 @@ def make_pool(ready=True, window=2, max_window=8, **queues) -> PoolState:
     return pool
 
 
+def measured(pool: PoolState, tpot_s: float | None, last_s: float | None = None) -> None:
+    """As if the watch had just polled the engine: a fresh TPOT (None: nothing decoded lately) and the
+    last one measured at all."""
+    pool._tpot_s = tpot_s
+    pool._last_tpot_s = tpot_s if last_s is None else last_s
+
+
 def plan(pool: PoolState, cls=P.HIGH, stream=False, timeout=None, max_tokens=4) -> RequestPlan:
     budgets = decide_budgets(pool.queue_settings.targets(cls), pool.queue_settings, max_tokens, time.monotonic(),
                              timeout)
@@ -104,7 +111,7 @@ def test_served_request_releases_its_slot_and_counts_as_success():
 def test_predicted_wait_beyond_the_start_deadline_is_429_with_that_wait():
     pool = make_pool(window=1)
     pool.service[P.HIGH].record(50.0, 4)  # measured: a high request holds its slot for 50 s
-    pool._tpot_s = 0.045  # and the engine is near its SLO: the window will not grow
+    measured(pool, 0.045)  # and the engine is near its SLO: the window will not grow
 
     async def scenario():
         await pool.scheduler.acquire(P.HIGH, 1)  # the window is full
@@ -123,7 +130,7 @@ def test_predicted_wait_beyond_the_start_deadline_is_429_with_that_wait():
 def test_start_deadline_in_prefill_aborts_the_engine_request_and_is_not_a_fault():
     pool = make_pool()
     pool.service[P.HIGH].record(0.01, 4)  # predicted to fit; this one then hangs in prefill
-    pool._tpot_s = 0.001
+    measured(pool, 0.001)
     made = []
 
     async def slow_first_token():
@@ -139,7 +146,7 @@ def test_start_deadline_in_prefill_aborts_the_engine_request_and_is_not_a_fault(
 def test_expiry_in_the_queue_spends_no_engine_work():
     pool = make_pool(window=1)
     pool.service[P.HIGH].record(0.01, 4)  # predicted to start at once; the running one then never ends
-    pool._tpot_s = 0.001
+    measured(pool, 0.001)
 
     async def scenario():
         await pool.scheduler.acquire(P.HIGH, 1)
@@ -257,14 +264,14 @@ def test_two_router_replicas_each_keep_half_of_the_pools_window():
 
     for pool in (first, alone):
         pool.service[P.HIGH].record(20.0, 4)
-        pool._tpot_s = 0.045
+        measured(pool, 0.045)
         run(queue_four(pool))
     assert first.forecast(P.HIGH, 4).seconds == 40.0 and alone.forecast(P.HIGH, 4).seconds == 20.0
 
 
 def test_a_client_deadline_the_request_could_not_meet_is_refused_before_any_engine_work():
     pool = make_pool(window=4)
-    pool._tpot_s = 0.08  # the engine decodes a token every 80 ms: 100 tokens take 8 s
+    measured(pool, 0.08)  # the engine decodes a token every 80 ms: 100 tokens take 8 s
 
     async def never():
         raise AssertionError("the replica must not be called")
@@ -281,7 +288,7 @@ def test_a_burst_on_an_engine_with_headroom_queues_for_the_growing_window_instea
     # second while TPOT stays well under the SLO, so admission predicts with it at its bound.
     pool = make_pool(window=4, max_window=256)
     pool.service[P.MEDIUM].record(1.3, 256)
-    pool._tpot_s = 0.005  # far under the 50 ms SLO
+    measured(pool, 0.005)  # far under the 50 ms SLO
 
     async def scenario():
         for _ in range(3):  # 3 of 4: a quarter is kept for high
@@ -289,7 +296,7 @@ def test_a_burst_on_an_engine_with_headroom_queues_for_the_growing_window_instea
         for _ in range(200):
             pool.scheduler._enqueue(P.MEDIUM)
         with_headroom = RequestLife(plan(pool, cls=P.MEDIUM, max_tokens=256), pool)._refusal()
-        pool._tpot_s = 0.045  # near the SLO: no headroom, the window is what it is
+        measured(pool, 0.045)  # near the SLO: no headroom, the window is what it is
         return with_headroom, RequestLife(plan(pool, cls=P.MEDIUM, max_tokens=256), pool)._refusal()
 
     with_headroom, without = run(scenario())
@@ -299,7 +306,7 @@ def test_a_burst_on_an_engine_with_headroom_queues_for_the_growing_window_instea
 def test_before_any_low_request_finished_a_flood_is_judged_at_the_engines_speed_not_the_slo():
     # The H200 flood: 128 long prompts at once, none finished yet, the engine decoding at 5 ms a token.
     pool = make_pool(window=256, max_window=512, max_in_flight_per_class={"low": 2})
-    pool._tpot_s = 0.005
+    measured(pool, None, last_s=0.005)  # idle when the flood came: the last TPOT measured is stale, not gone
 
     async def scenario():
         for _ in range(2):

@@ -71,6 +71,16 @@ def test_a_fast_engine_reaches_hundreds_in_a_few_polls_from_idle():
     assert polls <= 3  # 4 -> 20 -> 100 -> 256+: doubling needed six
 
 
+def test_in_slow_start_a_prefilling_burst_under_the_slo_still_grows_the_window():
+    window = AdaptiveWindow(WindowSettings(initial=32), SLO)
+    near = EngineSample(0.045, 0.1, 32, 200, True)  # 90% of the SLO
+    assert window.observe(near).move is WindowMove.HOLD  # decode alone this near the SLO: hold
+    assert window.observe(EngineSample(0.045, 0.1, 32, 200, True, prefilling=True)).move is WindowMove.GROW
+    assert window.per_replica == 64
+    window.observe(busy(0.08, in_use=64))  # a cut ends slow start; then prefill no longer grows it
+    assert window.observe(EngineSample(0.045, 0.1, 51, 200, True, prefilling=True)).move is WindowMove.HOLD
+
+
 def test_prefill_interference_is_not_decode_congestion():
     cpu = Engine(base_s=0.03, knee=1, per_extra_s=0.004)  # the SLO (50 ms) at 6 per replica
     window = AdaptiveWindow(WindowSettings(initial=8), SLO)
