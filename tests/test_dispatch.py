@@ -179,7 +179,33 @@ def test_a_stall_ends_the_stream_aborts_it_and_counts_as_a_fault():
     chunks = run(scenario())
     assert '"code": 504' in chunks[-2] and "no output" in chunks[-2] and chunks[-1] == "data: [DONE]\n\n"
     assert made[0].cancelled and pool.scheduler.in_flight == 0
-    assert pool.circuit.describe()["consecutive_faults"] == 1
+    assert pool.circuit.state is CircuitState.OPEN  # one stall opens it: a hung engine, not a blip
+    assert "stall" in pool.circuit.last_fault and "no output" in pool.circuit.last_fault
+
+
+def test_an_engine_error_inside_a_stream_is_a_fault_not_a_success_and_the_stream_ends():
+    pool = make_pool()
+    made = []
+    dead = '{"error": {"message": "EngineCore encountered an issue", "type": "InternalServerError", "code": 500}}'
+
+    async def tokens_then_engine_error():
+        yield "data: {}\n\n"
+        yield f"data: {dead}\n\n"
+        yield "data: {}\n\n"  # nothing after the error reaches the client
+
+    async def call():
+        made.append(replica_call(pool))
+        return StreamingResponse(tokens_then_engine_error(), media_type="text/event-stream")
+
+    async def scenario():
+        response = await RequestLife(plan(pool, stream=True, max_tokens=100), pool).run(call)
+        return await read_stream(response)
+
+    chunks = run(scenario())
+    assert dead in chunks[-2] and chunks[-1] == "data: [DONE]\n\n" and len(chunks) == 3
+    assert pool.circuit.describe()["consecutive_faults"] == 1 and "EngineCore" in pool.circuit.last_fault
+    assert pool.service[P.HIGH].mean_s is None  # not counted as served
+    assert made[0].cancelled and pool.scheduler.in_flight == 0
 
 
 def test_a_stream_that_keeps_flowing_is_not_killed_and_completes():

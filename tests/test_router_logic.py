@@ -331,3 +331,13 @@ def test_circuit_opens_after_consecutive_faults_and_the_router_probes_it():
     breaker.begin_probe()
     breaker.record_success()
     assert breaker.state is CircuitState.CLOSED and breaker.try_pass() is None
+
+
+def test_a_stall_trips_the_circuit_at_once_and_health_can_say_why():
+    clock = Clock()
+    breaker = CircuitBreaker(CircuitSettings(failure_threshold=5, open_s=10), clock)
+    breaker.record_failure("engine error 500: boom")
+    assert breaker.state is CircuitState.CLOSED and breaker.last_fault == "engine error 500: boom"
+    breaker.trip("stall: no output for 15s")
+    assert breaker.state is CircuitState.OPEN
+    assert breaker.describe() == {"state": "open", "consecutive_faults": 2, "last_fault": "stall: no output for 15s"}

@@ -1,8 +1,8 @@
 """Decide whether requests may reach a pool's replicas at all.
 
 Closed: everything passes. After ``failure_threshold`` consecutive *faults*
-(replica errors, engine death, stalls; never overload: a 429 or a deadline
-expiry says the service is busy, not broken) it opens: callers get 503 with
+(replica errors, engine death; never overload: a 429 or a deadline expiry
+says the service is busy, not broken), or at once on a stall (``trip``), it opens: callers get 503 with
 Retry-After at once instead of piling onto a dead deployment. After
 ``open_s`` it is half-open and the router sends one probe of its own (a
 one-token request, router/pool.py), so a pool recovers without client
@@ -32,6 +32,7 @@ class CircuitBreaker:
         self._failures = 0
         self._opened_at: float | None = None
         self._probing = False
+        self.last_fault: str | None = None  # why the latest fault counted, for /health
 
     @property
     def state(self) -> CircuitState:
@@ -60,12 +61,23 @@ class CircuitBreaker:
         self._opened_at = None
         self._probing = False
 
-    def record_failure(self) -> None:
-        """A fault: a replica error, a dead engine, a stall, or a failed probe."""
+    def record_failure(self, reason: str = "unspecified fault") -> None:
+        """A fault: a replica error, a dead engine, a stall, or a failed probe. ``reason`` is shown by /health."""
+        self.last_fault = reason
         self._failures += 1
         if self._probing or self._failures >= self._settings.failure_threshold:
             self._opened_at = self._clock()
         self._probing = False
 
+    def trip(self, reason: str) -> None:
+        """Open at once, whatever the count: a stall (an engine that was streaming went silent for
+        ``stall_s``) is a hung engine, not a transient error; waiting for ``failure_threshold`` of them
+        would need that many streams running, and new requests would hang meanwhile. The half-open
+        probe tells when it answers again."""
+        self.last_fault = reason
+        self._failures += 1
+        self._opened_at = self._clock()
+        self._probing = False
+
     def describe(self) -> dict:
-        return {"state": self.state.value, "consecutive_faults": self._failures}
+        return {"state": self.state.value, "consecutive_faults": self._failures, "last_fault": self.last_fault}

@@ -17,7 +17,7 @@ queue slower than predicted (shed)     429         - (no engine work was spent)
 start deadline passed in the queue     504         - (no engine work was spent)
 start deadline passed in prefill       504         - (aborted in the engine)
 generation budget passed               504         - (aborted in the engine)
-no output for ``stall_s``              504         fault (aborted)
+no output for ``stall_s``              504         opens it (aborted)
 replica error / dead engine            503 / 5xx   fault
 client error reported by the engine    4xx         -
 client went away                       -           - (aborted in the engine)
@@ -27,6 +27,7 @@ client went away                       -           - (aborted in the engine)
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
@@ -54,6 +55,25 @@ class RequestPlan:
     budgets: Budgets
     stream: bool
     headers: dict[str, str] = field(default_factory=dict)
+
+
+def engine_error_in(chunk: str) -> tuple[int, str] | None:
+    """(code, message) when an SSE chunk from the replica carries an OpenAI error event, else None.
+    ray.serve.llm forwards an engine failure during a stream as such an event and then ends the stream
+    normally, so without this a dead engine's stream would count as served."""
+    if '"error"' not in chunk:  # the common case, without parsing
+        return None
+    for line in chunk.splitlines():
+        if not line.startswith("data: {"):
+            continue
+        try:
+            error = json.loads(line[len("data: "):]).get("error")
+        except ValueError:
+            continue
+        if isinstance(error, dict):
+            code = error.get("code")
+            return (code if isinstance(code, int) else 500), str(error.get("message", ""))
+    return None
 
 
 class _Slot:
@@ -151,12 +171,12 @@ class RequestLife:
         except OpenAIHTTPException as exc:
             slot.release()
             if exc.status_code >= 500:
-                self.pool.circuit.record_failure()
+                self.pool.circuit.record_failure(f"engine error {exc.status_code}: {exc.message}"[:300])
             return self._error(exc.status_code, exc.message, exc.type)
         except Exception as exc:  # the replica or its engine failed
             calls.cancel_all()
             slot.release()
-            self.pool.circuit.record_failure()
+            self.pool.circuit.record_failure(f"replica call failed: {type(exc).__name__}: {exc}"[:300])
             return self._error(503, f"model replicas unavailable: {type(exc).__name__}", **{"retry-after": "1"})
         except BaseException:  # client went away (CancelledError): free the slot, abort, settle nothing
             calls.cancel_all()
@@ -196,14 +216,22 @@ class RequestLife:
                         message = (f"generation budget of {finish_by - budgets.arrived_at:.0f}s passed "
                                    "(max_tokens at the class's per-token SLO, with slack)")
                     else:
-                        self.pool.circuit.record_failure()  # a stall is a fault, not load
                         message = f"no output for {budgets.stall_s:.0f}s; the engine request was aborted"
+                        self.pool.circuit.trip(f"stall: {message}")  # a hung engine: open now, probe later
                     yield sse_error_event(504, message)
                     yield "data: [DONE]\n\n"
                     return
                 except Exception as exc:  # the replica died mid-stream
-                    self.pool.circuit.record_failure()
+                    self.pool.circuit.record_failure(f"replica failed mid-stream: {type(exc).__name__}: {exc}"[:300])
                     yield sse_error_event(503, f"model replica failed mid-stream: {type(exc).__name__}")
+                    yield "data: [DONE]\n\n"
+                    return
+                failed = engine_error_in(chunk)
+                if failed is not None:  # the engine reported an error inside the stream (say, it died)
+                    code, message = failed
+                    if code >= 500:
+                        self.pool.circuit.record_failure(f"engine error mid-stream: {message}"[:300])
+                    yield chunk
                     yield "data: [DONE]\n\n"
                     return
                 yield chunk

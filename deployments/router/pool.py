@@ -141,7 +141,8 @@ class PoolState:
             return f"pool {self.route.name!r}: {self.not_ready_reason}; retry shortly", max(1, round(POLL_S * 5))
         retry_after = self.circuit.try_pass()
         if retry_after is not None:
-            return f"model replicas of pool {self.route.name!r} are failing; circuit open", retry_after
+            return (f"model replicas of pool {self.route.name!r} are failing; circuit open "
+                    f"(last fault: {self.circuit.last_fault})"), retry_after
         return None
 
     def describe(self) -> dict:
@@ -188,7 +189,7 @@ class PoolState:
             self.circuit.record_success()
             logger.info("pool %s: circuit probe answered; circuit closed", self.route.name)
         else:
-            self.circuit.record_failure()
+            self.circuit.record_failure(f"the router's probe failed: {error}")
             logger.warning("pool %s: circuit probe failed (%s); circuit open again", self.route.name, error)
 
     async def probe(self) -> str | None:

@@ -156,8 +156,9 @@ class QueueSettings(_Strict):
 
 
 class CircuitSettings(_Strict):
-    failure_threshold: int = Field(5, ge=1, description="consecutive faults (replica errors, engine death, "
-                                                        "stalls) that open the circuit; overload never counts")
+    failure_threshold: int = Field(5, ge=1, description="consecutive faults (replica errors, engine death) that "
+                                                        "open the circuit; a stall opens it at once; overload "
+                                                        "never counts")
     open_s: float = Field(10.0, gt=0, description="how long it stays open before the router probes it")
     probe_timeout_s: float = Field(60.0, gt=0, description="a one-token probe slower than this fails")
 
