@@ -42,7 +42,6 @@ import json
 import os
 import random
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -53,6 +52,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.priority_flood import deploy, percentile, short_chat  # noqa: E402
+from scripts.processes import spawn, stop  # noqa: E402
 
 BASE_URL = "http://127.0.0.1:8000"
 BARE_PORT = 8001
@@ -219,7 +219,7 @@ class Bare:
             cmd += [flag] if value is True else ([] if value is False else [flag, str(value)])
         env = dict(os.environ, **(profile.llm_config.get("runtime_env", {}).get("env_vars", {})))
         self.log = open(Path(args.out) / "bare_vllm.log", "w")
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = spawn(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             try:
@@ -233,8 +233,7 @@ class Bare:
         raise TimeoutError("bare vLLM not ready")
 
     def stop(self):
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        self.proc.wait(60)
+        stop(self.proc)
         self.log.close()
 
 

@@ -4,7 +4,10 @@
 RUNNING, which is before the engine has answered anything. The app's own
 `/health` turns 200 only once every pool's engine has answered a real request,
 so this waits for that and prints ``ready: http://HOST:PORT (<model>)``.
-Ctrl-C (or SIGTERM) stops `serve run` as if Ctrl-C were typed at it.
+Ctrl-C (or SIGTERM) stops `serve run` as if Ctrl-C were typed at it, and
+escalates to SIGTERM and SIGKILL of its whole process group if it does not
+exit (scripts/processes.py); started in the background (`make serve &`), where
+SIGINT arrives ignored, `serve run` still gets a working one.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from pathlib import Path
 
 import httpx
 import yaml
+
+from processes import spawn, stop  # scripts/processes.py, beside this file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG = REPO_ROOT / "serve_config.yaml"
@@ -59,15 +64,15 @@ def main() -> int:
               file=sys.stderr)
         return 1
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as cleanly as Ctrl-C
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "serve"), "run", str(CONFIG)], cwd=REPO_ROOT)
+    signal.signal(signal.SIGINT, _interrupt)  # also when started in the background, where it arrives ignored
+    proc = spawn([str(Path(sys.executable).parent / "serve"), "run", str(CONFIG)], cwd=REPO_ROOT)
     try:
         model = wait_ready(url, proc)
         if model is not None:
             print(f"ready: {url} ({model})", flush=True)
         return proc.wait()
     except KeyboardInterrupt:
-        proc.send_signal(signal.SIGINT)
-        return proc.wait()
+        return stop(proc)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ repository root with the virtual environment's own ``ray`` and ``serve``.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import httpx
 import yaml
 
 from deployments.config.names import deployment_name_prefix
+from scripts.processes import spawn, stop
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -110,8 +110,12 @@ class DeployedCluster:
         # (0.5 + 2 x 1.0 CPU of bundles) on the 2-core machine.
         run("ray", "start", "--head", "--num-cpus=4", "--disable-usage-stats", timeout=180)
         start = time.monotonic()
-        run("serve", "deploy", "serve_config.yaml", timeout=180)
-        wait_healthy()
+        try:
+            run("serve", "deploy", "serve_config.yaml", timeout=180)
+            wait_healthy()
+        except BaseException:  # a fixture that fails in setup gets no teardown: stop here
+            self.stop()
+            raise
         return time.monotonic() - start
 
     def stop(self) -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess]:
@@ -119,8 +123,10 @@ class DeployedCluster:
             return None
         self.stopped = True
         shutdown = run("serve", "shutdown", "--yes", timeout=180, check=False)
-        stop = run("ray", "stop", timeout=180, check=False)
-        return shutdown, stop
+        stopped = run("ray", "stop", timeout=180, check=False)
+        if ray_running():  # never leave port 8000 and the engines to the next test run
+            run("ray", "stop", "--force", timeout=120, check=False)
+        return shutdown, stopped
 
 
 class ServeRunProcess:
@@ -139,11 +145,8 @@ class ServeRunProcess:
         assert_nothing_running()
         self.log_path.parent.mkdir(exist_ok=True)
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(
-            [str(BIN / "python"), "scripts/serve.py"],
-            cwd=REPO_ROOT, env=clean_env(), stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        self.proc = spawn([str(BIN / "python"), "scripts/serve.py"], cwd=REPO_ROOT, env=clean_env(),
+                          stdout=self._log, stderr=subprocess.STDOUT)
         body = {"model": model_id, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
         start = time.monotonic()
         while time.monotonic() - start < READY_TIMEOUT_S:
@@ -161,15 +164,12 @@ class ServeRunProcess:
     def ready_lines(self) -> list[str]:
         return [line for line in self.log_path.read_text().splitlines() if line.startswith("ready: ")]
 
-    def stop(self, timeout: float = 120) -> int:
-        """Ctrl-C, as a person would; returns the exit code."""
+    def stop(self) -> int:
+        """Ctrl-C, as a person would, escalating to SIGTERM and SIGKILL of the process group; the exit code."""
         assert self.proc is not None
-        self.proc.send_signal(signal.SIGINT)
         try:
-            return self.proc.wait(timeout=timeout)
+            return stop(self.proc)
         finally:
-            if self.proc.poll() is None:
-                os.killpg(self.proc.pid, signal.SIGKILL)
             self._log.close()
 
 
