@@ -2,7 +2,7 @@
 VENV   := .venv
 STAMP  := $(VENV)/.installed
 
-.PHONY: install model serve test clean
+.PHONY: install model serve test soak clean
 
 install: $(STAMP)
 
@@ -19,6 +19,10 @@ serve: model
 
 test: model
 	$(VENV)/bin/python -m pytest
+
+# Two minutes at ten times what the app completes (bench/soak.py; about 6 minutes in all).
+soak: model
+	$(VENV)/bin/python bench/soak.py --out docs/bench/soak
 
 clean:
 	rm -rf $(VENV) .pytest_cache
