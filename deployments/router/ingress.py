@@ -23,7 +23,6 @@ from starlette.responses import JSONResponse, Response
 from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS, init
 from ray import serve
 from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
-from ray.serve.llm.openai_api_models import ChatCompletionRequest
 
 from deployments.autoscaling.signals import ROUTER_QUEUED, router_queued_metric
 from deployments.router.admission import admit
@@ -37,7 +36,7 @@ from deployments.router.pool import PoolState
 from deployments.router.pools import PoolRoute, choose_pool, tokens_needed
 from deployments.router.replica_counts import follow_replica_counts
 from deployments.router.request_limits import BodySizeLimit
-from deployments.router.request_models import CompletionRequest
+from deployments.router.request_models import ChatCompletionRequest, CompletionRequest
 from deployments.router.settings import QueueSettings, RouterSettings
 from deployments.router.tokens import PromptTokenCounter
 from deployments.router.validation import RequestProblem, check_chat_messages

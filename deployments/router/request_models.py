@@ -1,14 +1,55 @@
-"""Request models where vLLM's differ from OpenAI's documented API.
+"""Request models where vLLM's differ from OpenAI's documented API or fail on what a client may send.
 
-vLLM declares the completion request's ``n`` as a plain int, so ``"n": null``
-(which OpenAI documents as allowed, meaning the default 1, and which chat
-already accepts) fails validation with a 400. Here null means 1.
+- vLLM declares the completion request's ``n`` as a plain int, so ``"n": null``
+  (which OpenAI documents as allowed, meaning the default 1, and which chat
+  already accepts) fails validation with a 400. Here null means 1.
+- vLLM's "before" model validators read the raw body and assume the types they
+  expect: ``"structured_outputs": "x"``, ``"messages": null`` or a tool without
+  ``function`` raise TypeError, AttributeError or KeyError there, which pydantic
+  does not turn into a validation error, so the client got a 500. Here such a
+  failure becomes a 400 naming the first field whose value does not fit its
+  declared type.
 """
 
 from __future__ import annotations
 
-from pydantic import field_validator
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError, field_validator, model_validator
+from ray.serve.llm.openai_api_models import ChatCompletionRequest as _ChatCompletionRequest
 from ray.serve.llm.openai_api_models import CompletionRequest as _CompletionRequest
+
+# What vLLM's raw-body validators raise on a value of an unexpected type.
+RAW_VALIDATOR_FAILURES = (TypeError, AttributeError, KeyError, IndexError)
+
+
+def first_bad_field(model: type, data: Any) -> str:
+    """A message naming the first field of ``data`` whose value does not fit ``model``'s declared type."""
+    if isinstance(data, dict):
+        for name, value in data.items():
+            field = model.model_fields.get(name)
+            if field is None:
+                continue
+            try:
+                TypeAdapter(field.annotation).validate_python(value)
+            except ValidationError as invalid:
+                return f"'{name}' is invalid: {invalid.errors()[0]['msg']}"
+    return "the request body does not match the request schema"
+
+
+def validate_naming_the_field(model: type, data: Any, handler) -> Any:
+    try:
+        return handler(data)
+    except RAW_VALIDATOR_FAILURES:
+        # pydantic turns a ValueError into a validation error: a 400 in OpenAI's format.
+        raise ValueError(first_bad_field(model, data)) from None
+
+
+class ChatCompletionRequest(_ChatCompletionRequest):
+    @model_validator(mode="wrap")
+    @classmethod
+    def _raw_failures_name_the_field(cls, data: Any, handler) -> Any:
+        return validate_naming_the_field(cls, data, handler)
 
 
 class CompletionRequest(_CompletionRequest):
@@ -18,3 +59,8 @@ class CompletionRequest(_CompletionRequest):
     @classmethod
     def _null_means_one(cls, n: int | None) -> int:
         return 1 if n is None else n
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _raw_failures_name_the_field(cls, data: Any, handler) -> Any:
+        return validate_naming_the_field(cls, data, handler)
