@@ -6,6 +6,7 @@ import json
 from typing import Mapping
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
@@ -40,8 +41,43 @@ async def _http_exception_to_openai(request: Request, exc: HTTPException) -> JSO
     return openai_error(exc.status_code, str(exc.detail), headers=exc.headers)
 
 
+async def _validation_error_to_openai(request: Request, exc: RequestValidationError) -> JSONResponse:
+    # Ray's handler puts the offending *input* (a dict, or raw bytes it then
+    # cannot serialise) in `param`; OpenAI's param is the field's path.
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    param = param_path(first.get("loc", ()))
+    if first.get("type") == "json_invalid":
+        message = f"request body is not valid JSON: {first.get('msg', '')} ({(first.get('ctx') or {}).get('error', '')})"
+        param = None
+    elif param is None:
+        message = f"request body must be a JSON object: {first.get('msg', 'invalid request')}"
+    else:
+        message = f"Invalid value for '{param}': {first.get('msg', 'invalid')}"
+    return openai_error(400, message, param=param)
+
+
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict", "list", "tuple", "set", "bytes"})
+
+
+def param_path(loc) -> str | None:
+    """pydantic's error location as OpenAI writes a param: ``messages[0].content``.
+
+    The location names union members too (``ChatCompletionUserMessageParam``,
+    ``function-after[...]``, ``list[...]``); only field names and indices are kept.
+    """
+    path = ""
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif isinstance(part, str) and part.isidentifier() and not part[0].isupper() and part not in _TYPE_TAGS:
+            path += f".{part}" if path else part
+    return path or None
+
+
 def install_openai_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(HTTPException, _http_exception_to_openai)
+    app.add_exception_handler(RequestValidationError, _validation_error_to_openai)
 
 
 def sse_error_event(status: int, message: str) -> str:

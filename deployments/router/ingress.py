@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, Response
 from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS, init
 from ray import serve
 from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
+from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard
 
 from deployments.autoscaling.signals import ROUTER_QUEUED, router_queued_metric
 from deployments.router.admission import admit
@@ -31,6 +32,7 @@ from deployments.router.cancellation import TrackingHandle
 from deployments.router.classification import PRIORITY_HEADER, classify
 from deployments.router.dispatch import RequestLife, RequestPlan
 from deployments.router.errors import install_openai_error_handlers, openai_error
+from deployments.router import openapi
 from deployments.router.json_body import JsonBody
 from deployments.router.pool import PoolState
 from deployments.router.pools import PoolRoute, choose_pool, tokens_needed
@@ -42,10 +44,14 @@ from deployments.router.tokens import PromptTokenCounter
 from deployments.router.validation import RequestProblem, check_chat_messages
 
 # Only what a chat model serves; embeddings, audio and scoring are not offered.
+# Each route declares the statuses it really answers, for /openapi.json.
 ENDPOINTS = {
-    name: DEFAULT_ENDPOINTS[name] for name in ("models", "model_data", "completions", "chat")
-} | {
-    "health": lambda app: app.get("/health"),
+    "models": DEFAULT_ENDPOINTS["models"],
+    "model_data": lambda app: app.get("/v1/models/{model:path}", response_model=ModelCard,
+                                      responses=openapi.MODEL_RESPONSES),
+    "completions": lambda app: app.post("/v1/completions", responses=openapi.COMPLETION_RESPONSES),
+    "chat": lambda app: app.post("/v1/chat/completions", responses=openapi.CHAT_RESPONSES),
+    "health": lambda app: app.get("/health", responses=openapi.HEALTH_RESPONSES),
 }
 SAMPLING_FIELDS = ("temperature", "top_p", "n", "repetition_penalty")
 _CHOSEN_POOL: contextvars.ContextVar[str] = contextvars.ContextVar("chosen_pool")
@@ -191,6 +197,7 @@ def router_ingress_class(max_request_bytes: int) -> type:
     """The Router class wired to its FastAPI app, ready for serve.deployment."""
     app = init()  # ray.serve.llm's app: request ids, CORS, HTTP metrics, error middleware
     install_openai_error_handlers(app)
+    openapi.without_validation_422(app)
     # Added first, so it runs inside BodySizeLimit: declared oversize bodies never get read.
     app.add_middleware(JsonBody, max_bytes=max_request_bytes)
     app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)

@@ -7,15 +7,28 @@ and the validation error (which carries those bytes) could not even be
 written out: HTTP 500 "Object of type bytes is not JSON serializable". Every
 POST endpoint here takes JSON, so a body that parses as JSON is served as JSON
 (OpenAI's API does the same); one that does not gets a 400 in OpenAI's format.
+
+Python's ``json`` also reads what strict JSON parsers (OpenAI's included)
+refuse, and what then breaks further in: a ``\\ud800`` escape (or its raw
+UTF-8 bytes) becomes a lone surrogate, a ``str`` no tokenizer can encode (a 500
+before this check), and ``NaN`` / ``Infinity`` become floats that slip through
+range checks written as ``x <= limit``. Such a body gets a 400 naming the field.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from typing import Any, Iterator
 
 from deployments.router.errors import openai_error
 
 JSON = b"application/json"
+# Cheap pre-filters over the raw bytes, so an ordinary body is not parsed twice:
+# a surrogate escape, a raw UTF-8 surrogate, or a non-standard constant.
+_SURROGATE_HINT = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+_CONSTANT_HINT = re.compile(rb"NaN|Infinity")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def declares_json(content_type: bytes | None) -> bool:
@@ -37,16 +50,64 @@ def json_problem(body: bytes) -> str | None:
     return None
 
 
+def strict_json_problem(body: bytes) -> tuple[str, str | None] | None:
+    """(why, param) when a parseable body holds what strict JSON refuses: lone surrogates, NaN, Infinity."""
+    utf8 = json.detect_encoding(body) == "utf-8"
+    if utf8 and not (_SURROGATE_HINT.search(body) or _CONSTANT_HINT.search(body)):
+        return None
+    try:
+        parsed = json.loads(body, parse_constant=_refuse_constant)
+    except _NonStandardConstant as constant:
+        return f"request body is not valid JSON: {constant} is not a JSON value", None
+    except (ValueError, UnicodeDecodeError):
+        return None  # not JSON at all: json_problem or FastAPI answers it
+    for path in _paths_with_lone_surrogates(parsed, ""):
+        return (f"'{path or 'body'}' holds an unpaired UTF-16 surrogate (a \\ud800-\\udfff escape "
+                f"without its pair), which is not a Unicode character", path or None)
+    return None
+
+
+class _NonStandardConstant(ValueError):
+    pass
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NonStandardConstant(name)
+
+
+def _paths_with_lone_surrogates(value: Any, path: str) -> Iterator[str]:
+    """Where (as OpenAI writes params: ``messages[0].content``) a string or key holds a lone surrogate."""
+    if isinstance(value, str):
+        if _has_surrogate(value):
+            yield path
+    elif isinstance(value, dict):
+        for original, item in value.items():
+            key = original.encode("utf-8", "backslashreplace").decode()  # the path goes into a UTF-8 reply
+            child = f"{path}.{key}" if path else key
+            if key != original:
+                yield child
+            yield from _paths_with_lone_surrogates(item, child)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _paths_with_lone_surrogates(item, f"{path}[{index}]")
+
+
+def _has_surrogate(text: str) -> bool:
+    # json.loads joins a valid escaped pair into one character, so any left is unpaired.
+    return _SURROGATE.search(text) is not None
+
+
 def as_json_request(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """The same headers with Content-Type set to JSON."""
     return [(k, v) for k, v in headers if k.lower() != b"content-type"] + [(b"content-type", JSON)]
 
 
 class JsonBody:
-    """ASGI middleware: a POST body not declared JSON is re-declared JSON if it is, else 400.
+    """ASGI middleware: a POST body not declared JSON is re-declared JSON if it is, else 400;
+    a body strict JSON refuses is 400 whatever its Content-Type.
 
-    Bodies declared JSON pass straight through. Others are read whole, at most
-    ``max_bytes`` (a chunked upload declares no length for BodySizeLimit).
+    Bodies are read whole, at most ``max_bytes`` (a chunked upload declares no
+    length for BodySizeLimit), then replayed to the app.
     """
 
     def __init__(self, app, max_bytes: int):
@@ -56,15 +117,18 @@ class JsonBody:
         if scope["type"] != "http" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         headers = list(scope.get("headers") or [])
-        if declares_json(dict(headers).get(b"content-type")):
-            return await self.app(scope, receive, send)
         body = await _read_body(receive, self.max_bytes)
         if body is None:
             return await openai_error(413, f"request body is larger than {self.max_bytes} bytes")(scope, receive, send)
-        problem = json_problem(body)
-        if problem is not None:
-            return await openai_error(400, problem)(scope, receive, send)
-        await self.app({**scope, "headers": as_json_request(headers)}, _replay(body, receive), send)
+        if not declares_json(dict(headers).get(b"content-type")):
+            problem = json_problem(body)
+            if problem is not None:
+                return await openai_error(400, problem)(scope, receive, send)
+            headers = as_json_request(headers)
+        strict = strict_json_problem(body)
+        if strict is not None:
+            return await openai_error(400, strict[0], param=strict[1])(scope, receive, send)
+        await self.app({**scope, "headers": headers}, _replay(body, receive), send)
 
 
 async def _read_body(receive, max_bytes: int) -> bytes | None:

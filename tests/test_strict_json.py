@@ -1,0 +1,93 @@
+"""Unit tests of what the fuzzing (tests/test_fuzz.py) found and fixed, without Ray:
+bodies strict JSON refuses, pydantic error locations as OpenAI params, and the
+OpenAPI document the router serves.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import BaseModel
+
+from deployments.router.errors import param_path
+from deployments.router.json_body import strict_json_problem
+
+
+@pytest.mark.parametrize("raw, param", [
+    (b'{"messages": [{"content": "a\\ud800"}]}', "messages[0].content"),
+    (b'{"messages": [{"content": [{"text": "\\uDC00"}]}]}', "messages[0].content[0].text"),
+    ('{"prompt": "\udc80"}'.encode("utf-8", "surrogatepass"), "prompt"),  # raw surrogate bytes
+    ('{"prompt": ["x", "\ud800"]}'.encode("utf-16", "surrogatepass"), "prompt[1]"),
+    (b'{"\\ud800": 1}', "\\ud800"),  # the key itself, escaped for the UTF-8 reply
+])
+def test_lone_surrogates_are_refused_naming_the_field(raw, param):
+    message, found = strict_json_problem(raw)
+    assert found == param and "surrogate" in message
+    json.dumps(message).encode("utf-8")  # the reply can be written
+
+
+@pytest.mark.parametrize("constant", [b"NaN", b"Infinity", b"-Infinity"])
+def test_non_standard_constants_are_refused(constant):
+    message, param = strict_json_problem(b'{"temperature": ' + constant + b"}")
+    assert constant.decode() in message and param is None
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"messages": [{"content": "\\ud83d\\ude00 and NaN as text"}]}',  # a paired escape is one emoji
+    '{"prompt": "\U0001f600 e\u0301 \u202e \x00"}'.encode("utf-8"),
+    '{"prompt": "hi"}'.encode("utf-16"),
+    b'{"prompt": "\\\\ud800"}',  # an escaped backslash, then text
+    b"not json",  # left to the other checks
+])
+def test_ordinary_bodies_pass(raw):
+    assert strict_json_problem(raw) is None
+
+
+@pytest.mark.parametrize("loc, param", [
+    (("body", "messages", 0, "ChatCompletionUserMessageParam", "content", "str"), "messages[0].content"),
+    (("body", "stop", "list[str]"), "stop"),
+    (("body", "messages", 1, "function-after[validate(), Message]", "role"), "messages[1].role"),
+    (("body",), None),
+])
+def test_pydantic_locations_become_openai_params(loc, param):
+    assert param_path(loc) == param
+
+
+class Body(BaseModel):
+    messages: list[dict]
+
+
+def test_validation_errors_are_400_in_openai_format():
+    from fastapi import FastAPI
+    from starlette.testclient import TestClient
+
+    from deployments.router.errors import install_openai_error_handlers
+
+    app = FastAPI()
+    install_openai_error_handlers(app)
+
+    @app.post("/v1/chat/completions")
+    def chat(body: Body):
+        return {}
+
+    client = TestClient(app)
+    for raw, param in [(b'{"messages": "x"}', "messages"), (b"[1, 2]", None), (b'{"messages": [', None)]:
+        response = client.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
+
+
+def test_openapi_document_declares_what_the_router_answers():
+    from deployments.router.ingress import router_ingress_class
+
+    cls = router_ingress_class(1000)
+    app = next(cell.cell_contents for cell in cls.__init__.__closure__
+               if type(cell.cell_contents).__name__ == "FastAPI")  # the app serve.ingress froze
+    document = app.openapi()
+    chat = document["paths"]["/v1/chat/completions"]["post"]["responses"]
+    assert "422" not in chat and {"400", "404", "413", "429", "503", "504"} <= chat.keys()
+    assert chat["400"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/OpenAIErrorResponse"}
+    assert "text/event-stream" in chat["200"]["content"]
+    assert "HTTPValidationError" not in document["components"]["schemas"]
