@@ -29,3 +29,31 @@ def test_assistant_tool_call_without_content_is_fine():
 def test_empty_string_content_is_allowed():
     # OpenAI accepts "" (it is content, just short); only absence is refused.
     assert check_chat_messages([{"role": "user", "content": ""}]) is None
+
+
+# --- token ids and chat_template_kwargs (issue 11) --------------------------------
+
+from deployments.router.validation import check_chat_template_kwargs, check_token_ids  # noqa: E402
+
+
+def test_token_id_equal_to_the_vocabulary_size_is_refused():
+    # vLLM 0.29 let this one id through to the embedding lookup, which aborted the engine.
+    assert check_token_ids({"prompt": [1, 100]}, 100).param == "prompt"
+    assert check_token_ids({"prompt": [[1], [2, -1]]}, 100).param == "prompt"
+    assert check_token_ids({"prompt": [[1], [99]]}, 100) is None
+    assert check_token_ids({"prompt": "text"}, 100) is None
+
+
+def test_token_id_fields_are_bounded():
+    for name in ("allowed_token_ids", "stop_token_ids", "logprob_token_ids"):
+        assert check_token_ids({name: [0, 100]}, 100).param == name
+        assert check_token_ids({name: [0, 99]}, 100) is None
+    assert check_token_ids({"logit_bias": {"100": 1.0}}, 100).param == "logit_bias"
+    assert check_token_ids({"logit_bias": {"abc": 1.0}}, 100).param == "logit_bias"
+    assert check_token_ids({"logit_bias": {"5": -100}}, 100) is None
+
+
+def test_chat_template_kwargs_may_not_reset_the_template_arguments():
+    assert check_chat_template_kwargs({"messages": []}).param == "chat_template_kwargs"
+    assert check_chat_template_kwargs({"enable_thinking": True}) is None
+    assert check_chat_template_kwargs(None) is None

@@ -41,7 +41,8 @@ from deployments.router.request_limits import BodySizeLimit
 from deployments.router.request_models import ChatCompletionRequest, CompletionRequest
 from deployments.router.settings import QueueSettings, RouterSettings
 from deployments.router.tokens import PromptTokenCounter
-from deployments.router.validation import RequestProblem, check_chat_messages
+from deployments.router.validation import (RequestProblem, check_chat_messages, check_chat_template_kwargs,
+                                           check_token_ids, TOKEN_ID_FIELDS)
 
 # Only what a chat model serves; embeddings, audio and scoring are not offered.
 # Each route declares the statuses it really answers, for /openapi.json.
@@ -98,7 +99,7 @@ class Router(OpenAiIngress):
     # --- endpoints ---------------------------------------------------------------
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
-        problem = check_chat_messages(body.messages)
+        problem = check_chat_messages(body.messages) or check_chat_template_kwargs(body.chat_template_kwargs)
         if problem is not None:
             return _problem_response(problem, request)
         return await self._serve(body, request, "chat", lambda: self._tokens.chat(
@@ -145,6 +146,10 @@ class Router(OpenAiIngress):
         arrived_at = time.monotonic()
         self._start_background()
         await self._get_model_id(body.model)  # unknown model: 404 before any work
+        id_fields = {name: getattr(body, name, None) for name in ("prompt", "logit_bias", *TOKEN_ID_FIELDS)}
+        problem = check_token_ids(id_fields, self._tokens.vocab_size)
+        if problem is not None:
+            return _problem_response(problem, request)
         # Tokenising a 1 MB prompt takes a while; keep the event loop free.
         prompt_tokens = await asyncio.to_thread(count_tokens)
         planned = self._plan(body, request, prompt_tokens, arrived_at)
@@ -162,7 +167,8 @@ class Router(OpenAiIngress):
             return classification
         cls = classification.priority
         fields = {name: getattr(body, name, None) for name in SAMPLING_FIELDS}
-        fields["max_tokens"] = getattr(body, "max_completion_tokens", None) or body.max_tokens
+        completion_cap = getattr(body, "max_completion_tokens", None)  # 0 is a value to refuse, not unset
+        fields["max_tokens"] = body.max_tokens if completion_cap is None else completion_cap
         admission = self._settings.admission
         needed = tokens_needed(prompt_tokens, fields["max_tokens"], admission.max_tokens_cap)
         pool = self._pools[choose_pool(cls, needed, self._routes).name]

@@ -73,11 +73,25 @@ def render_message(message: Mapping[str, Any], content_format: str) -> dict[str,
     return rendered
 
 
+def model_vocab_size(tokenizer, source: str) -> int:
+    """How many token ids a request may name: those the tokenizer has and the model's embedding too."""
+    size = len(tokenizer)
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(source)
+        size = min(size, getattr(config.get_text_config(), "vocab_size", None) or size)
+    except Exception:  # no readable config: the tokenizer's own size still bounds what it can decode
+        pass
+    return size
+
+
 class PromptTokenCounter:
     def __init__(self, tokenizer_source: str):
         from transformers import AutoTokenizer  # heavy; only in the router replica
 
         self._tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+        self.vocab_size = model_vocab_size(self._tokenizer, tokenizer_source)
         self._content_format = detect_content_format(getattr(self._tokenizer, "chat_template", None))
 
     def _count(self, text: str) -> int:

@@ -32,3 +32,51 @@ def check_chat_messages(messages: Iterable[Mapping[str, Any]]) -> RequestProblem
                 f"messages[{index}] has role {role!r} but no 'content'", f"messages[{index}].content"
             )
     return None
+
+
+# Request fields that name token ids (besides a completion's token-id prompt).
+TOKEN_ID_FIELDS = ("allowed_token_ids", "stop_token_ids", "logprob_token_ids")
+
+
+def _out_of_vocabulary(ids: Iterable[Any], vocab_size: int) -> Any:
+    return next((t for t in ids if isinstance(t, int) and not 0 <= t < vocab_size), None)
+
+
+def check_token_ids(fields: Mapping[str, Any], vocab_size: int) -> RequestProblem | None:
+    """Every token id a request names must index the model's vocabulary.
+
+    vLLM 0.29 checks a prompt's ids against ``max(tokenizer.max_token_id,
+    vocab - 1)``, where its tokenizer's max_token_id can be the vocabulary
+    *size*: a prompt holding that one id passed and the embedding lookup
+    aborted the whole engine process. The other id fields are refused the same
+    way, as OpenAI refuses a logit_bias key that is not a token.
+    """
+    prompt = fields.get("prompt")
+    if isinstance(prompt, list):
+        rows = [prompt] if all(isinstance(t, int) for t in prompt) else [p for p in prompt if isinstance(p, list)]
+        for row in rows:
+            if (bad := _out_of_vocabulary(row, vocab_size)) is not None:
+                return RequestProblem(f"'prompt' holds token id {bad}, outside this model's vocabulary "
+                                      f"(0 to {vocab_size - 1})", "prompt")
+    for name in TOKEN_ID_FIELDS:
+        if (bad := _out_of_vocabulary(fields.get(name) or (), vocab_size)) is not None:
+            return RequestProblem(f"'{name}' holds token id {bad}, outside this model's vocabulary "
+                                  f"(0 to {vocab_size - 1})", name)
+    for key in fields.get("logit_bias") or {}:
+        if not key.lstrip("-").isdigit() or not 0 <= int(key) < vocab_size:
+            return RequestProblem(f"'logit_bias' key {key!r} is not a token id of this model's vocabulary "
+                                  f"(0 to {vocab_size - 1})", "logit_bias")
+    return None
+
+
+# Names vLLM passes to the chat template itself: set again in chat_template_kwargs
+# they fail inside the template call ("got multiple values for keyword argument").
+TEMPLATE_RESERVED = frozenset({"messages", "conversation", "tools", "documents", "chat_template"})
+
+
+def check_chat_template_kwargs(kwargs: Mapping[str, Any] | None) -> RequestProblem | None:
+    clashes = sorted(TEMPLATE_RESERVED & set(kwargs or {}))
+    if clashes:
+        return RequestProblem(f"'chat_template_kwargs' may not set {', '.join(clashes)}: the request "
+                              f"supplies them", "chat_template_kwargs")
+    return None
