@@ -91,3 +91,27 @@ def test_openapi_document_declares_what_the_router_answers():
     assert chat["400"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/OpenAIErrorResponse"}
     assert "text/event-stream" in chat["200"]["content"]
     assert "HTTPValidationError" not in document["components"]["schemas"]
+
+
+@pytest.mark.parametrize("message, param", [
+    ({"role": "bot", "content": "hi"}, "messages[0].role"),
+    ({"role": "user", "content": [{"type": "bogus", "text": "hi"}]}, "messages[0].content[0].type"),
+    ({"role": "user", "content": ["bare"]}, "messages[0].content[0].type"),
+    ({"role": "system", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}, "messages[0].content[0].type"),
+    ({"role": "tool", "content": "42"}, "messages[0].tool_call_id"),
+    ({"role": "function", "content": "42"}, "messages[0].name"),
+])
+def test_roles_and_part_types_are_checked_as_openai_does(message, param):
+    from deployments.router.validation import check_chat_messages
+
+    assert check_chat_messages([message]).param == param
+
+
+def test_openai_roles_and_parts_pass():
+    from deployments.router.validation import check_chat_messages
+
+    assert check_chat_messages([
+        {"role": "developer", "content": "x"}, {"role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]},
+        {"role": "tool", "content": "1", "tool_call_id": "c"},
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "x"}}]},
+    ]) is None

@@ -11,6 +11,9 @@ from typing import Any, Iterable, Mapping
 
 # Roles whose message carries the conversation text and so must have content.
 CONTENT_REQUIRED_ROLES = frozenset({"system", "developer", "user"})
+# What OpenAI takes (vLLM takes any role and part type): each role's content part types.
+PART_TYPES = {"system": ("text",), "developer": ("text",), "user": ("text", "image_url", "input_audio", "file"),
+              "assistant": ("text", "refusal"), "tool": ("text",), "function": ("text",)}
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,9 @@ def check_chat_messages(messages: Iterable[Mapping[str, Any]]) -> RequestProblem
     if not messages:
         return RequestProblem("'messages' must contain at least one message", "messages")
     for index, message in enumerate(messages):
+        problem = check_role_and_parts(index, message)
+        if problem is not None:
+            return problem
         role = message.get("role")
         content = message.get("content")
         if role in CONTENT_REQUIRED_ROLES and (content is None or content == []):
@@ -79,4 +85,24 @@ def check_chat_template_kwargs(kwargs: Mapping[str, Any] | None) -> RequestProbl
     if clashes:
         return RequestProblem(f"'chat_template_kwargs' may not set {', '.join(clashes)}: the request "
                               f"supplies them", "chat_template_kwargs")
+    return None
+
+
+def check_role_and_parts(index: int, message: Mapping[str, Any]) -> RequestProblem | None:
+    """OpenAI's checks of a message: a known role, part types that role takes, a tool turn's call id."""
+    role = message.get("role")
+    if role not in PART_TYPES:
+        return RequestProblem(f"Invalid value for 'messages[{index}].role': {repr(role)[:80]}; supported values are "
+                              f"{', '.join(map(repr, PART_TYPES))}", f"messages[{index}].role")
+    content = message.get("content")
+    for part_index, part in enumerate(content if isinstance(content, list) else ()):
+        kind = part.get("type") if isinstance(part, Mapping) else None
+        if kind not in PART_TYPES[role]:
+            return RequestProblem(f"Invalid value for 'messages[{index}].content[{part_index}].type': {kind!r}; "
+                                  f"a {role} message takes {', '.join(map(repr, PART_TYPES[role]))}",
+                                  f"messages[{index}].content[{part_index}].type")
+    required = {"tool": "tool_call_id", "function": "name"}.get(role)
+    if required and not message.get(required):
+        return RequestProblem(f"messages[{index}] has role {role!r} but no {required!r}",
+                              f"messages[{index}].{required}")
     return None
