@@ -30,3 +30,24 @@ def test_completion_raw_validator_failure_names_the_field():
 def test_valid_requests_still_parse():
     assert ChatCompletionRequest.model_validate({**CHAT, "seed": 5}).seed == 5
     assert CompletionRequest.model_validate({"model": "m", "prompt": "x", "n": None}).n == 1
+
+
+@pytest.mark.parametrize(("extra", "field"), [
+    ({"top_k": 10**40}, "top_k"),
+    ({"stream": True, "stream_interval": 10**40}, "stream_interval"),
+    ({"vllm_xargs": {"a": [1, -(10**40)]}}, "vllm_xargs"),
+    ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+    ({"allowed_token_ids": [2], "response_format": {"type": "json_object"}}, "allowed_token_ids"),
+    ({"allowed_token_ids": [2], "structured_outputs": {"regex": "a"}}, "allowed_token_ids"),
+])
+def test_values_the_engine_fails_on_are_refused(extra, field):
+    for model, base in ((ChatCompletionRequest, CHAT), (CompletionRequest, {"model": "m", "prompt": "x"})):
+        with pytest.raises(ValidationError) as raised:
+            model.model_validate({**base, **extra})
+        assert f"'{field}'" in str(raised.value)
+
+
+def test_int64_edges_and_text_format_still_parse():
+    request = ChatCompletionRequest.model_validate({**CHAT, "seed": 2**63 - 1, "top_k": -(2**63),
+                                                    "allowed_token_ids": [2], "response_format": {"type": "text"}})
+    assert request.seed == 2**63 - 1

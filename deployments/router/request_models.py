@@ -9,6 +9,13 @@
   does not turn into a validation error, so the client got a 500. Here such a
   failure becomes a 400 naming the first field whose value does not fit its
   declared type.
+- Values vLLM accepts and then fails on inside the engine, refused up front
+  with a 400 naming the field: an integer beyond 64 bits anywhere (``top_k``,
+  ``stream_interval``, ``routed_experts_prompt_start`` of 10**40 could not be
+  serialised to the engine core: a 500, counted as a replica fault);
+  ``allowed_token_ids`` with a structured output (the grammar and the allowed
+  set can exclude every token: the engine terminates the request with an
+  internal error); ``truncate_prompt_tokens: 0`` (an empty prompt).
 """
 
 from __future__ import annotations
@@ -37,12 +44,47 @@ def first_bad_field(model: type, data: Any) -> str:
     return "the request body does not match the request schema"
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _holds_huge_int(value: Any) -> bool:
+    if isinstance(value, int):
+        return not INT64_MIN <= value <= INT64_MAX
+    if isinstance(value, dict):
+        return any(_holds_huge_int(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_holds_huge_int(v) for v in value)
+    return False
+
+
+def check_raw_fields(data: Any) -> None:
+    """Refuse (ValueError: a 400) what the engine cannot carry: integers beyond 64 bits."""
+    if isinstance(data, dict):
+        for name, value in data.items():
+            if _holds_huge_int(value):
+                raise ValueError(f"'{name}' holds an integer outside the 64-bit range")
+
+
+def check_parsed(request) -> None:
+    """Refuse combinations vLLM accepts but fails on inside the engine."""
+    if request.truncate_prompt_tokens == 0:
+        raise ValueError("'truncate_prompt_tokens' 0 would leave an empty prompt; use null or -1 for none")
+    format_type = getattr(request.response_format, "type", None)
+    structured = request.structured_outputs is not None or format_type not in (None, "text")
+    if request.allowed_token_ids and structured:
+        raise ValueError("'allowed_token_ids' cannot be combined with a structured output (response_format or "
+                         "structured_outputs): together they can leave no token to generate")
+
+
 def validate_naming_the_field(model: type, data: Any, handler) -> Any:
+    check_raw_fields(data)
     try:
-        return handler(data)
+        request = handler(data)
     except RAW_VALIDATOR_FAILURES:
         # pydantic turns a ValueError into a validation error: a 400 in OpenAI's format.
         raise ValueError(first_bad_field(model, data)) from None
+    check_parsed(request)
+    return request
 
 
 class ChatCompletionRequest(_ChatCompletionRequest):
