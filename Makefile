@@ -2,7 +2,7 @@
 VENV   := .venv
 STAMP  := $(VENV)/.installed
 
-.PHONY: install model serve test soak clean
+.PHONY: install model serve test fuzz soak clean
 
 install: $(STAMP)
 
@@ -19,6 +19,11 @@ serve: model
 
 test: model
 	$(VENV)/bin/python -m pytest
+
+# The deep fuzz run of tests/test_fuzz.py (the suite runs a short seeded one);
+# the session fixtures start and stop Ray and the app as for `make test`.
+fuzz: model
+	FUZZ_DEEP=1 $(VENV)/bin/python -m pytest tests/test_fuzz.py
 
 # Two minutes at ten times what the app completes (bench/soak.py; about 6 minutes in all).
 soak: model
