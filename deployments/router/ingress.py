@@ -101,7 +101,7 @@ class Router(OpenAiIngress):
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         problem = check_chat_messages(body.messages) or check_chat_template_kwargs(body.chat_template_kwargs)
         if problem is not None:
-            return _problem_response(problem, request)
+            return _problem_response(problem)
         return await self._serve(body, request, "chat", lambda: self._tokens.chat(
             body.messages, add_generation_prompt=body.add_generation_prompt,
             continue_final_message=body.continue_final_message))
@@ -149,12 +149,12 @@ class Router(OpenAiIngress):
         id_fields = {name: getattr(body, name, None) for name in ("prompt", "logit_bias", *TOKEN_ID_FIELDS)}
         problem = check_token_ids(id_fields, self._tokens.vocab_size)
         if problem is not None:
-            return _problem_response(problem, request)
+            return _problem_response(problem)
         # Tokenising a 1 MB prompt takes a while; keep the event loop free.
         prompt_tokens = await asyncio.to_thread(count_tokens)
         planned = self._plan(body, request, prompt_tokens, arrived_at)
         if isinstance(planned, RequestProblem):
-            return _problem_response(planned, request)
+            return _problem_response(planned)
         body, plan = planned
         _CHOSEN_POOL.set(plan.pool)
         return await RequestLife(plan, self._pools[plan.pool]).run(
@@ -185,7 +185,8 @@ class Router(OpenAiIngress):
             updates["max_completion_tokens"] = admitted.max_tokens
         if pool.route.engine_priority:
             updates["priority"] = int(cls)
-        headers = {"x-request-id": request.state.request_id, "x-router-replica": self._replica_id,
+        # No x-request-id here: Serve's proxy puts its own on every response (the same id).
+        headers = {"x-router-replica": self._replica_id,
                    "x-priority-class": cls.label,
                    "x-llm-pool": pool.route.name, "x-prompt-tokens": str(prompt_tokens),
                    "x-max-tokens-applied": str(admitted.max_tokens)}
@@ -194,9 +195,8 @@ class Router(OpenAiIngress):
         return body.model_copy(update=updates), plan
 
 
-def _problem_response(problem: RequestProblem, request: Request) -> JSONResponse:
-    return openai_error(problem.status, problem.message, param=problem.param,
-                        headers={"x-request-id": request.state.request_id})
+def _problem_response(problem: RequestProblem) -> JSONResponse:
+    return openai_error(problem.status, problem.message, param=problem.param)
 
 
 def router_ingress_class(max_request_bytes: int) -> type:
