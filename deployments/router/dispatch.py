@@ -232,7 +232,8 @@ class RequestLife:
                     if code >= 500:
                         self.pool.circuit.record_failure(f"engine error mid-stream: {message}"[:300])
                     yield chunk
-                    yield "data: [DONE]\n\n"
+                    if not chunk.rstrip().endswith("data: [DONE]"):
+                        yield "data: [DONE]\n\n"
                     return
                 yield chunk
         finally:
