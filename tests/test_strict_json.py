@@ -115,3 +115,11 @@ def test_openai_roles_and_parts_pass():
         {"role": "tool", "content": "1", "tool_call_id": "c"},
         {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "x"}}]},
     ]) is None
+
+
+def test_a_role_less_message_vllm_parses_as_harmony_is_400():
+    from deployments.router.request_models import ChatCompletionRequest
+    from deployments.router.validation import check_chat_messages
+
+    body = ChatCompletionRequest.model_validate({"messages": [{"author": {"role": "user"}}]})
+    assert check_chat_messages(body.messages).param == "messages[0].role"

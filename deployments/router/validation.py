@@ -90,6 +90,9 @@ def check_chat_template_kwargs(kwargs: Mapping[str, Any] | None) -> RequestProbl
 
 def check_role_and_parts(index: int, message: Mapping[str, Any]) -> RequestProblem | None:
     """OpenAI's checks of a message: a known role, part types that role takes, a tool turn's call id."""
+    if not isinstance(message, Mapping):
+        # vLLM parses a role-less object as its harmony `Message` (no .get): a 500 before this check.
+        return RequestProblem(f"messages[{index}] has no 'role'", f"messages[{index}].role")
     role = message.get("role")
     if role not in PART_TYPES:
         return RequestProblem(f"Invalid value for 'messages[{index}].role': {repr(role)[:80]}; supported values are "
