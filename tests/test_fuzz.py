@@ -38,7 +38,7 @@ from schemathesis.checks import not_a_server_error
 pytestmark = [pytest.mark.integration]
 
 DEEP = os.environ.get("FUZZ_DEEP", "") not in ("", "0")
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES") or (300 if DEEP else 20))
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES") or (300 if DEEP else 40))
 SEED = int(os.environ.get("FUZZ_SEED") or 1111)
 SMALL_MAX_TOKENS = 2
 REQUEST_TIMEOUT_S = 120
