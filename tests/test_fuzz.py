@@ -214,8 +214,10 @@ def expected_problem(msgs: list[dict]) -> str | None:
     for i, message in enumerate(msgs):
         if message["role"] not in OPENAI_ROLES:
             return f"messages[{i}].role"
-        if message["role"] in ("tool", "function"):
-            return f"messages[{i}]"  # tool turns need a tool_call_id / name and a preceding call
+        if message["role"] == "tool":
+            return f"messages[{i}].tool_call_id"  # never generated
+        if message["role"] == "function" and not message.get("name"):
+            return f"messages[{i}].name"
         content = message["content"]
         if isinstance(content, list):
             for j, part in enumerate(content):
@@ -267,7 +269,8 @@ FUZZ_SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None, de
 @seed(SEED)
 @FUZZ_SETTINGS
 @given(msgs=messages(), encoding=st.sampled_from(ENCODINGS))
-# One of each kind, whatever the generator draws: OpenAI serves the first three and refuses the rest.
+# One of each kind whatever the generator draws: OpenAI serves the first three and the
+# function turn, and refuses the rest.
 @example(msgs=[{"role": "system", "content": "\u202e\u05e9\u05dc\u05d5\u05dd e\u0301"},
                {"role": "user", "content": [{"type": "text", "text": "\U0001f468\u200d\U0001f469 \x00"},
                                             {"type": "text", "text": "hi"}]}], encoding="utf-16")
@@ -278,6 +281,8 @@ FUZZ_SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None, de
 @example(msgs=[{"role": "user", "content": [{"type": "bogus", "text": "hi"}]}], encoding="utf-8")
 @example(msgs=[{"role": "user", "content": ["a bare string part"]}], encoding="utf-8")
 @example(msgs=[{"role": "tool", "content": "42"}, {"role": "user", "content": "hi"}], encoding="utf-8")
+@example(msgs=[{"role": "function", "name": "f", "content": "42"}, {"role": "user", "content": "hi"}],
+         encoding="utf-8")
 @example(msgs=[{"role": "user", "content": "a\ud800"}], encoding="utf-8")
 def test_chat_message_content_fuzz(base_url, model_id, msgs, encoding):
     body = {"model": model_id, "messages": msgs, "max_tokens": SMALL_MAX_TOKENS, "temperature": 0}
