@@ -160,6 +160,65 @@ def test_expiry_in_the_queue_spends_no_engine_work():
     assert status == 504 and "no engine work" in message
 
 
+def test_the_class_start_deadline_passing_in_the_queue_is_a_refusal_429_not_a_504():
+    # The start deadline, not the client's timeout, bounds it: a load refusal with Retry-After.
+    settings = dict(classes={c: {"ttft_s": 1.0, "tpot_s": 0.05, "start_deadline_s": 0.1} for c in ("high", "medium", "low")})
+    pool = make_pool(window=1, **settings)
+    pool.service[P.HIGH].record(0.01, 4)  # predicted to start at once; the running one then never ends
+    measured(pool, 0.001)
+
+    async def scenario():
+        await pool.scheduler.acquire(P.HIGH, 1)
+
+        async def never():
+            raise AssertionError("the replica must not be called")
+
+        return await RequestLife(plan(pool), pool).run(never)
+
+    response = run(scenario())
+    status, message = status_and_message(response)
+    assert status == 429 and "start deadline" in message and "no engine work" in message
+    assert int(response.headers["retry-after"]) >= 1
+
+
+def test_before_anything_finished_a_queued_request_is_shed_on_the_engines_measured_speed():
+    # Nothing of the class has finished (no service mean), but the engine's TPOT is known: 128 tokens
+    # at 0.2 s are 25.6 s a request, so with one slot the second waiter cannot start within 30 s.
+    pool = make_pool(window=1, max_window=1)
+    measured(pool, 0.2)
+
+    async def scenario():
+        first = await RequestLife(plan(pool, max_tokens=128), pool)._acquire()
+        assert first == 0.0
+        pool.started("first", P.HIGH, pool.service_s(P.HIGH, 128))
+        second = asyncio.create_task(RequestLife(plan(pool, max_tokens=128), pool)._acquire())
+        third = asyncio.create_task(RequestLife(plan(pool, max_tokens=128), pool)._acquire())
+        await asyncio.sleep(0)
+        pool._shed_hopeless()
+        refused = await third
+        assert not second.done()
+        second.cancel()
+        return refused
+
+    status, message = status_and_message(run(scenario()))
+    assert status == 429 and "could no longer start by its start deadline" in message
+
+
+def test_with_nothing_measured_at_all_nothing_is_shed_from_the_queue():
+    pool = make_pool(window=1, max_window=1)
+
+    async def scenario():
+        await pool.scheduler.acquire(P.HIGH, 30, 4096)
+        waiting = [asyncio.create_task(pool.scheduler.acquire(P.HIGH, 30, 4096)) for _ in range(3)]
+        await asyncio.sleep(0)
+        pool._shed_hopeless()
+        assert pool.scheduler.depths()["high"] == 3
+        for task in waiting:
+            task.cancel()
+
+    run(scenario())
+
+
 def test_a_stall_ends_the_stream_aborts_it_and_counts_as_a_fault():
     pool = make_pool()
     made = []

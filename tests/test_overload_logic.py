@@ -98,6 +98,23 @@ def test_prefill_interference_is_not_decode_congestion():
     assert fresh.observe(EngineSample(0.09, 0.3, 8, 3, True, prefilling=True)).move is WindowMove.SHRINK
 
 
+def test_near_the_slo_the_window_probes_one_beyond_the_learnt_line_and_a_probe_over_it_is_cut():
+    # The line through clean samples puts the SLO at 7.6 per replica: window 7 (TPOT 48 ms, under the
+    # 50 ms SLO but past the 40 ms growth band) probes 8, as additive increase would.
+    cpu = Engine(base_s=0.03, knee=1, per_extra_s=0.02 / 6.6)
+    window = AdaptiveWindow(WindowSettings(initial=7, slow_start_increase=2), SLO)
+    for batch in (2, 3, 4, 5, 6):
+        window.observe(busy(cpu.tpot(batch), in_use=batch, queued=0))
+    assert batch_at_slo(window.points, SLO) == pytest.approx(7.6)
+    assert window.observe(busy(cpu.tpot(7), in_use=7)).move is WindowMove.GROW and window.per_replica == 8
+    assert window.observe(busy(cpu.tpot(8), in_use=8)).move is WindowMove.SHRINK  # 51 ms: over, cut
+    # past the line the window does not probe further while TPOT is near the SLO
+    window = AdaptiveWindow(WindowSettings(initial=9), SLO)
+    for batch in (2, 3, 4, 5, 6):
+        window.observe(busy(cpu.tpot(batch), in_use=batch, queued=0))
+    assert window.observe(busy(0.049, in_use=9)).move is WindowMove.HOLD
+
+
 def test_window_holds_when_not_full_or_near_the_slo():
     window = AdaptiveWindow(WindowSettings(initial=8), SLO)
     assert window.observe(busy(0.01, in_use=3, bound=False)).move is WindowMove.HOLD  # spare room: no evidence
@@ -257,7 +274,7 @@ def test_hopeless_waiters_are_refused_from_the_queue_not_left_to_expire():
         late = asyncio.create_task(sched.acquire(P.HIGH, 5))
         await asyncio.sleep(0)
         # each start takes 4 s: the first waiter starts in 4 s (fits 30), the second in 8 s (not 5)
-        shed = sched.shed_hopeless(lambda cls, ahead: 4.0 * (ahead + 1), time.monotonic())
+        shed = sched.shed_hopeless(lambda cls, ahead, max_tokens: 4.0 * (ahead + 1), time.monotonic())
         with pytest.raises(Shed):
             await late
         assert shed == 1 and not soon.done() and sched.depths()["high"] == 1

@@ -14,7 +14,8 @@ what happened                          status      circuit
 served                                 200         success
 refused: loading / circuit / predicted 503 / 429   -
 queue slower than predicted (shed)     429         - (no engine work was spent)
-start deadline passed in the queue     504         - (no engine work was spent)
+start deadline passed in the queue     429         - (no engine work was spent)
+X-Request-Timeout passed in the queue  504         - (no engine work was spent)
 start deadline passed in prefill       504         - (aborted in the engine)
 generation budget passed               504         - (aborted in the engine)
 no output for ``stall_s``              504         opens it (aborted)
@@ -143,13 +144,20 @@ class RequestLife:
     async def _acquire(self) -> float | Response:
         start_s = self.plan.budgets.start_by - self._clock()
         try:
-            return await self.pool.scheduler.acquire(self.plan.cls, start_s)
+            return await self.pool.scheduler.acquire(self.plan.cls, start_s, self.plan.max_tokens)
         except QueueFull as full:
             forecast = self.pool.forecast(self.plan.cls, self.plan.max_tokens)
             return self._error(429, f"{full}; retry later", **{"retry-after": str(forecast.retry_after_s)})
         except QueueTimeout as late:
-            return self._error(504, f"start deadline of {self.plan.budgets.start_deadline_s:.0f}s passed while "
-                                    f"queued ({late}); no engine work was spent")
+            budgets = self.plan.budgets
+            if budgets.end_by is not None and budgets.end_by <= budgets.start_by:  # the client's own timeout
+                return self._error(504, f"X-Request-Timeout of {budgets.start_deadline_s:.0f}s passed while "
+                                        f"queued ({late}); no engine work was spent")
+            # Never started: a refusal for load, like a shed, not a server fault.
+            forecast = self.pool.forecast(self.plan.cls, self.plan.max_tokens)
+            return self._error(429, f"the {self.plan.cls.label} class could not start within its start deadline "
+                                    f"of {budgets.start_deadline_s:.0f}s ({late}); no engine work was spent; "
+                                    "retry later", **{"retry-after": str(forecast.retry_after_s)})
 
     async def _call(self, call: Callable[[], Awaitable[Response]], slot: _Slot) -> Response:
         budgets = self.plan.budgets

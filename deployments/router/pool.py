@@ -228,11 +228,14 @@ class PoolState:
         self._shed_hopeless()
 
     def _shed_hopeless(self) -> None:
-        def predicted_wait(cls: PriorityClass, ahead: int) -> float:
-            service_s = self.service[cls].mean_s
-            if service_s is None:  # nothing measured: no evidence to refuse on
-                return 0.0
-            return self._forecast(cls, ahead, service_s).seconds
+        def predicted_wait(cls: PriorityClass, ahead: int, max_tokens: int) -> float | None:
+            # The same prior admission used: before any request of the class has finished, its decode
+            # time at the engine's TPOT. Without that, a burst admitted on a busy CPU expired in the
+            # queue (504 after 30 s) because nothing had finished yet to judge by.
+            service_s = self.service[cls].estimate_s(max_tokens)
+            if service_s is None and self._last_tpot_s is None:
+                return None  # nothing measured at all: no evidence to refuse on
+            return self._forecast(cls, ahead, service_s or self.decode_s(cls, max_tokens)).seconds
 
         shed = self.scheduler.shed_hopeless(predicted_wait, time.monotonic())
         if shed:

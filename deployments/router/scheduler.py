@@ -79,6 +79,7 @@ class _Waiter:
     cls: PriorityClass
     future: asyncio.Future
     deadline: float = math.inf  # monotonic: must start by then
+    max_tokens: int = 0  # what it asked for: how long it will hold its slot
     enqueued_at: float = field(default_factory=time.monotonic)
 
 
@@ -153,8 +154,12 @@ class PriorityScheduler:
     def _queued_total(self) -> int:
         return sum(len(q) for q in self._queues.values())
 
-    async def acquire(self, cls: PriorityClass, timeout_s: float) -> float:
-        """Wait for a slot; returns the seconds waited. Pair with ``release()``."""
+    async def acquire(self, cls: PriorityClass, timeout_s: float, max_tokens: int = 0) -> float:
+        """Wait for a slot; returns the seconds waited. Pair with ``release()``.
+
+        Raises ``QueueFull`` (no room to wait), ``Shed`` (dropped for a more urgent request, or by
+        ``shed_hopeless``) or ``QueueTimeout`` (``timeout_s`` passed while waiting).
+        """
         # Waiters of a more urgent class exist only when they cannot start: the
         # window is full (then neither can this one), their cap holds them, or
         # (for high) they make a yielding class wait anyway.
@@ -162,7 +167,7 @@ class PriorityScheduler:
             self._start(cls)
             return 0.0
         waiter = self._enqueue(cls)
-        waiter.deadline = waiter.enqueued_at + timeout_s
+        waiter.deadline, waiter.max_tokens = waiter.enqueued_at + timeout_s, max_tokens
         try:
             await asyncio.wait_for(asyncio.shield(waiter.future), timeout_s)
         except asyncio.TimeoutError:
@@ -193,11 +198,12 @@ class PriorityScheduler:
         queue.append(waiter)
         return waiter
 
-    def shed_hopeless(self, predicted_wait: Callable[[PriorityClass, int], float], now: float) -> int:
+    def shed_hopeless(self, predicted_wait: Callable[[PriorityClass, int, int], float | None], now: float) -> int:
         """Refuse (429, ``Shed``) every waiter that can no longer start by its deadline.
 
-        ``predicted_wait(cls, ahead)``: seconds until a waiter of ``cls`` with ``ahead`` waiters before
-        it starts. Admission predicted in time; when the pool turns out slower than predicted (the
+        ``predicted_wait(cls, ahead, max_tokens)``: seconds until a waiter of ``cls`` asking for
+        ``max_tokens``, with ``ahead`` waiters before it, starts; None when there is no evidence to
+        judge on (it stays). Admission predicted in time; when the pool turns out slower than predicted (the
         window stopped growing, a burst came in front), a queued request learns it now, with no engine
         work spent, instead of expiring into a 504. Returns how many were shed.
         """
@@ -205,10 +211,11 @@ class PriorityScheduler:
         for cls in PriorityClass:
             queue = self._queues[cls]
             for waiter in list(queue):
-                if now + predicted_wait(cls, ahead) > waiter.deadline:
+                wait = predicted_wait(cls, ahead, waiter.max_tokens)
+                if wait is not None and now + wait > waiter.deadline:
                     queue.remove(waiter)
                     waiter.future.set_exception(Shed(cls, f"the {cls.label} queue moves slower than predicted; "
-                                                          "this request could no longer start by its deadline"))
+                                                          "this request could no longer start by its start deadline"))
                     shed += 1
                 else:
                     ahead += 1
