@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, model_validator
 
 from deployments.router.errors import param_path
 from deployments.router.json_body import strict_json_problem
@@ -57,6 +57,12 @@ def test_pydantic_locations_become_openai_params(loc, param):
 class Body(BaseModel):
     messages: list[dict]
 
+    @model_validator(mode="after")
+    def _not_empty(self):  # a check across fields, as vLLM's request models have many
+        if self.messages == [{}]:
+            raise ValueError("a message needs a role")
+        return self
+
 
 def test_validation_errors_are_400_in_openai_format():
     from fastapi import FastAPI
@@ -71,12 +77,17 @@ def test_validation_errors_are_400_in_openai_format():
     def chat(body: Body):
         return {}
 
-    client = TestClient(app)
+    client, messages = TestClient(app), []
     for raw, param in [(b'{"messages": "x"}', "messages"), (b"[1, 2]", None), (b'{"messages": [', None)]:
         response = client.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
         assert response.status_code == 400, response.text
         error = response.json()["error"]
         assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
+        messages.append(error["message"])
+    assert messages[1].startswith("request body must be a JSON object")
+    # a model validator's error is about the request, not its JSON shape, and has no pydantic prefix
+    response = client.post("/v1/chat/completions", json={"messages": [{}]})
+    assert response.status_code == 400 and response.json()["error"]["message"] == "invalid request: a message needs a role"
 
 
 def test_openapi_document_declares_what_the_router_answers():

@@ -50,8 +50,10 @@ async def _validation_error_to_openai(request: Request, exc: RequestValidationEr
     if first.get("type") == "json_invalid":
         message = f"request body is not valid JSON: {first.get('msg', '')} ({(first.get('ctx') or {}).get('error', '')})"
         param = None
-    elif param is None:
+    elif param is None and not isinstance(first.get("input"), dict):
         message = f"request body must be a JSON object: {first.get('msg', 'invalid request')}"
+    elif param is None:  # a check across fields (a model validator) of a well-formed object
+        message = f"invalid request: {first.get('msg', 'invalid').removeprefix('Value error, ')}"
     else:
         message = f"Invalid value for '{param}': {first.get('msg', 'invalid')}"
     return openai_error(400, message, param=param)
