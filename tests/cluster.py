@@ -182,9 +182,14 @@ def app_status() -> dict:
 
 def running_replicas(pool: str = "main") -> int:
     """RUNNING replicas of one pool's LLM deployment per Serve; 0 while it is not listed."""
+    return replica_states(pool).get("RUNNING", 0)
+
+
+def replica_states(pool: str = "main") -> dict[str, int]:
+    """Replicas of one pool's LLM deployment per Serve state (STARTING, RUNNING, ...); {} while not listed."""
     deployments = app_status().get("deployments") or {}
     llm = [d for name, d in deployments.items() if name.startswith(deployment_name_prefix(pool))]
-    return llm[0]["replica_states"].get("RUNNING", 0) if llm else 0
+    return dict(llm[0]["replica_states"]) if llm else {}
 
 
 def redeploy(config_path: str, pools: tuple[str, ...] = ("main",)) -> None:
