@@ -153,12 +153,12 @@ class AdaptiveWindow:
             return self._move(WindowMove.GROW, self.limit * s.slow_start_increase,
                               f"TPOT {sample.tpot_s * 1000:.0f} ms under the SLO while prompts are prefilled")
         at_slo = batch_at_slo(self.points, self._tpot_slo_s)
-        if sample.window_bound and at_slo is not None and self.per_replica <= at_slo * self._share:
-            # Near the SLO but under it, and the TPOT-per-batch line measured so far puts the SLO at or
-            # beyond this window: probe one more, as additive increase does. The line is fitted to
-            # noisy samples, so requiring it to fit one more held the CPU window at 7 of the 8 that
-            # met the SLO (8 closed-loop clients: 0.95x the stock app's goodput); if the probe is
-            # over, the next sample cuts it.
+        if sample.window_bound and at_slo is not None and self.per_replica + 1 <= round(at_slo * self._share):
+            # Near the SLO but under it, and one more is where the TPOT-per-batch line measured so far
+            # puts the SLO, to the nearest request. Requiring the line to fit one more whole request
+            # held the CPU window at 7 of the 8 streams that met the SLO (8 closed-loop clients: 0.95x
+            # the stock app's goodput); probing past the line (additive increase) swung it 7-8-9-7
+            # every few seconds, and each swing over the SLO cost a cut.
             return self._move(WindowMove.GROW, self.limit + 1,
                               f"TPOT {sample.tpot_s * 1000:.0f} ms under the SLO; the measured line puts the SLO "
                               f"at {at_slo:.1f} per replica")
