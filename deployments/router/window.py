@@ -153,15 +153,11 @@ class AdaptiveWindow:
             return self._move(WindowMove.GROW, self.limit * s.slow_start_increase,
                               f"TPOT {sample.tpot_s * 1000:.0f} ms under the SLO while prompts are prefilled")
         at_slo = batch_at_slo(self.points, self._tpot_slo_s)
-        if sample.window_bound and at_slo is not None and self.per_replica + 1 <= round(at_slo * self._share):
-            # Near the SLO but under it, and one more is where the TPOT-per-batch line measured so far
-            # puts the SLO, to the nearest request. Requiring the line to fit one more whole request
-            # held the CPU window at 7 of the 8 streams that met the SLO (8 closed-loop clients: 0.95x
-            # the stock app's goodput); probing past the line (additive increase) swung it 7-8-9-7
-            # every few seconds, and each swing over the SLO cost a cut.
+        if sample.window_bound and at_slo is not None and (self.per_replica + 1) <= at_slo * self._share:
+            # Near the SLO but, by the TPOT-per-batch line measured so far, one more still fits it.
             return self._move(WindowMove.GROW, self.limit + 1,
-                              f"TPOT {sample.tpot_s * 1000:.0f} ms under the SLO; the measured line puts the SLO "
-                              f"at {at_slo:.1f} per replica")
+                              f"TPOT {sample.tpot_s * 1000:.0f} ms; the measured line puts the SLO at "
+                              f"{at_slo:.1f} per replica")
         return WindowDecision(WindowMove.HOLD, self.limit,
                               "no request waits for the window" if not sample.window_bound else "TPOT near the SLO")
 
