@@ -232,10 +232,9 @@ class PoolState:
             # The same prior admission used: before any request of the class has finished, its decode
             # time at the engine's TPOT. Without that, a burst admitted on a busy CPU expired in the
             # queue (504 after 30 s) because nothing had finished yet to judge by.
-            service_s = self.service[cls].estimate_s(max_tokens)
-            if service_s is None and self._last_tpot_s is None:
+            if self.service[cls].mean_s is None and self._last_tpot_s is None:
                 return None  # nothing measured at all: no evidence to refuse on
-            return self._forecast(cls, ahead, service_s or self.decode_s(cls, max_tokens)).seconds
+            return self._forecast(cls, ahead, self.service_s(cls, max_tokens)).seconds
 
         shed = self.scheduler.shed_hopeless(predicted_wait, time.monotonic())
         if shed:
