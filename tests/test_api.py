@@ -72,7 +72,8 @@ def test_health(base_url, model_id):
     assert health["status"] == "ok" and health["models"] == [model_id]
     main = health["pools"]["main"]  # serve_config.yaml serves one profile: one pool
     assert main["circuit"] == "closed" and main["classes"] == ["high", "low", "medium"]
-    assert set(main["engine_load"]) >= {"running", "waiting", "kv_cache_usage"}
+    assert set(main["engine_load"]) >= {"running", "waiting", "kv_cache_usage", "gpu"}
+    assert main["engine_load"]["gpu"] is None  # no GPU here: the signal is absent, not zero
 
 
 # --- bad input: OpenAI-format errors, never a 500, never a dead replica ----------

@@ -18,9 +18,11 @@ import torch
 from deployments.router.json_body import JsonBody, as_json_request, declares_json, json_problem
 from deployments.router.request_models import CompletionRequest
 from deployments.router.tokens import render_message, text_parts
+from deployments.server.worker_extension import (
+    EXTENSION_QUALNAME, GPU_UUID_RPC, SEEDED_SAMPLING_RPC, WorkerExtension, extension_kwargs,
+)
 from deployments.server.seeded_sampling import (
-    EXTENSION_QUALNAME, SeededSamplingExtension, discarded_generators, extension_kwargs,
-    generator_lacks_offset, make_seeded_sampling_safe,
+    discarded_generators, generator_lacks_offset, make_seeded_sampling_safe,
 )
 
 # --- JSON bodies -------------------------------------------------------------
@@ -202,5 +204,21 @@ def test_extension_is_added_unless_the_profile_names_its_own():
     assert extension_kwargs({"worker_extension_cls": EXTENSION_QUALNAME}) == {"worker_extension_cls": EXTENSION_QUALNAME}
     assert extension_kwargs({"worker_extension_cls": "other.Ext"}) is None
     # vLLM refuses an extension whose attributes clash with its worker's: one distinct name.
-    assert [a for a in dir(SeededSamplingExtension) if not a.startswith("__")] == [
-        "llm_serving_make_seeded_sampling_safe"]
+    assert all(a.startswith("llm_serving_") for a in dir(WorkerExtension) if not a.startswith("__"))
+    assert {SEEDED_SAMPLING_RPC, GPU_UUID_RPC} <= set(dir(WorkerExtension))
+
+
+def test_gpu_uuid_is_none_on_a_cpu_worker():
+    import torch
+
+    assert WorkerExtension.llm_serving_gpu_uuid(SimpleNamespace(device=torch.device("cpu"))) is None
+    assert WorkerExtension.llm_serving_gpu_uuid(SimpleNamespace()) is None
+
+
+def test_gpu_group_reading_is_absent_without_nvml_gpus():
+    from deployments.autoscaling.gpu import device_uuids, read_group
+
+    if device_uuids():
+        pytest.skip("this host has NVIDIA GPUs")
+    assert read_group(["GPU-00000000-0000-0000-0000-000000000000"], samples=1) is None
+    assert read_group([], samples=1) is None

@@ -9,6 +9,7 @@ per device) in which a kernel ran; averaging a few samples smooths it.
 from __future__ import annotations
 
 import time
+from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
 try:
@@ -48,6 +49,42 @@ def read_utilization(uuids: Sequence[str]) -> Optional[float]:
     except pynvml.NVMLError:
         return None
     return sum(rates) / len(rates) / 100.0
+
+
+def read_memory(uuids: Sequence[str]) -> Optional[tuple[int, int]]:
+    """(used, total) bytes summed over the given GPUs now; None if unmeasurable."""
+    if not uuids or not _init():
+        return None
+    try:
+        infos = [pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByUUID(u)) for u in uuids]
+    except pynvml.NVMLError:
+        return None
+    return sum(int(i.used) for i in infos), sum(int(i.total) for i in infos)
+
+
+@dataclass(frozen=True)
+class GpuGroupReading:
+    """One look at a replica's GPU group: utilisation 0..1 (mean over its GPUs), memory in bytes (summed)."""
+
+    gpus: int
+    utilization: float
+    memory_used_bytes: int
+    memory_total_bytes: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def read_group(uuids: Sequence[str], samples: int = 3, interval_s: float = 0.1) -> Optional[GpuGroupReading]:
+    """Utilisation (averaged over ``samples`` readings) and memory of a GPU group; None without NVML or GPUs.
+
+    Blocks for about ``samples`` x ``interval_s`` seconds: call it off the event loop.
+    """
+    utilization = sample_utilization(uuids, samples, interval_s)
+    memory = read_memory(uuids)
+    if utilization is None or memory is None:
+        return None
+    return GpuGroupReading(len(uuids), utilization, *memory)
 
 
 def sample_utilization(uuids: Sequence[str], samples: int = 5, interval_s: float = 0.2) -> Optional[float]:

@@ -8,6 +8,12 @@ Serve marks it RUNNING and routes to it only once it really answers.
 Seeded sampling: before that warm-up the replica makes vLLM's workers safe for
 seeded requests under chunked prefill (``seeded_sampling.py``; a no-op where
 vLLM's generator rewind works, as on GPUs).
+
+GPU signal: the replica asks its vLLM workers (by method name, see
+``worker_extension.py``) which GPUs they compute on, then reads those GPUs'
+utilisation and memory with NVML every ``GPU_POLL_S``, off the event loop. The
+latest reading goes to Serve's autoscaling metrics and to ``engine_load``
+(the router's ``/health`` shows it per pool). Without GPUs it is absent.
 """
 
 from __future__ import annotations
@@ -18,36 +24,35 @@ import time
 
 from ray.serve.llm.deployment import LLMServer
 
-from deployments.autoscaling.gpu import device_uuids, sample_utilization
+from deployments.autoscaling.gpu import GpuGroupReading, device_uuids, read_group
 from deployments.server.engine_load import current_load
-from deployments.server.seeded_sampling import RPC_METHOD, extension_kwargs
+from deployments.server.worker_extension import GPU_UUID_RPC, SEEDED_SAMPLING_RPC, extension_kwargs
 from deployments.warm_up import one_token_request
 
 logger = logging.getLogger("ray.serve")
 
 
-def _worker_gpu_uuid(worker) -> str | None:
-    """Runs inside each vLLM worker: the NVML UUID of the GPU it computes on."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    return f"GPU-{torch.cuda.get_device_properties(torch.cuda.current_device()).uuid}"
+# How often the GPU group is read; Serve's autoscaling metrics are pushed about
+# this often too, and NVML's own sample period is at most 1 s.
+GPU_POLL_S = 1.0
 
 
 class ObservedLLMServer(LLMServer):
-    _gpu_group: list[str] | None = None
+    _gpu_reading: GpuGroupReading | None = None
 
     async def start(self):
-        self._add_seeded_sampling_extension()
+        self._add_extension()
         await super().start()
         await self._make_seeded_sampling_safe()
         await self._warm_up()
+        group = await self._gpu_group()
+        if group:
+            self._gpu_watch = asyncio.get_running_loop().create_task(self._watch_gpu(group))
 
-    def _add_seeded_sampling_extension(self) -> None:
+    def _add_extension(self) -> None:
         added = extension_kwargs(self._llm_config.engine_kwargs or {})
         if added is None:
-            logger.warning("profile sets its own worker_extension_cls; seeded sampling left as vLLM has it")
+            logger.warning("profile sets its own worker_extension_cls; seeded sampling left as vLLM has it, no GPU signal")
             return
         # update_engine_kwargs (newer Ray) also reaches an engine config cached before start.
         update = getattr(self._llm_config, "update_engine_kwargs", None)
@@ -58,12 +63,19 @@ class ObservedLLMServer(LLMServer):
 
     async def _make_seeded_sampling_safe(self) -> None:
         try:
-            outcomes = await self.collective_rpc(RPC_METHOD)
+            outcomes = await self._worker_rpc(SEEDED_SAMPLING_RPC)
         except Exception:
             # Not fatal to the replica: only seeded requests are at risk, and the log says so.
             logger.warning("could not patch seeded sampling; seeded requests may fail", exc_info=True)
             return
         logger.info("seeded sampling: %s", "; ".join(map(str, outcomes)))
+
+    async def _worker_rpc(self, method: str) -> list:
+        """Call a ``WorkerExtension`` method by name in every vLLM worker of this replica."""
+        if hasattr(LLMServer, "collective_rpc"):
+            return await self.collective_rpc(method)
+        # Ray releases before LLMServer.collective_rpc: the engine client's own, same call.
+        return await self.engine._engine_client.collective_rpc(method)
 
     async def _warm_up(self) -> None:
         started = time.monotonic()
@@ -75,29 +87,38 @@ class ObservedLLMServer(LLMServer):
         """Serve's custom autoscaling metrics for this replica (see deployments/autoscaling)."""
         load = current_load()
         stats = {"engine_waiting": load.waiting, "engine_running": load.running, "kv_cache_usage": load.kv_cache_usage}
-        group = await self._gpu_uuids()
-        if group:
-            utilization = await asyncio.to_thread(sample_utilization, group, 3, 0.1)
-            if utilization is not None:
-                stats["gpu_utilization"] = utilization
+        if self._gpu_reading is not None:
+            stats["gpu_utilization"] = self._gpu_reading.utilization
         return stats
 
-    async def _gpu_uuids(self) -> list[str]:
-        """This replica's GPU group, asked once of its vLLM workers; empty without GPUs."""
-        if self._gpu_group is None:
-            self._gpu_group = []
-            if device_uuids():  # NVML sees GPUs on this host
-                try:
-                    uuids = await self.engine._engine_client.collective_rpc(_worker_gpu_uuid)
-                    self._gpu_group = [u for u in uuids if u]
-                except Exception:
-                    logger.warning("could not learn this replica's GPU group; no GPU signal", exc_info=True)
-        return self._gpu_group
+    async def _gpu_group(self) -> list[str]:
+        """NVML UUIDs of the GPUs this replica's vLLM workers compute on; empty without GPUs."""
+        if not device_uuids():  # NVML sees no GPU on this host
+            return []
+        try:
+            uuids = await self._worker_rpc(GPU_UUID_RPC)
+        except Exception:
+            logger.warning("could not learn this replica's GPU group; no GPU signal", exc_info=True)
+            return []
+        group = sorted({u for u in uuids if u})
+        logger.info("GPU group: %s", ", ".join(group) or "none")
+        return group
+
+    async def _watch_gpu(self, group: list[str]) -> None:
+        while True:
+            try:
+                self._gpu_reading = await asyncio.to_thread(read_group, group)
+            except Exception:  # a reading must never take the replica down
+                logger.warning("GPU reading failed", exc_info=True)
+                self._gpu_reading = None
+            await asyncio.sleep(GPU_POLL_S)
 
     async def engine_load(self) -> dict:
-        """vLLM's running / waiting requests and KV-cache usage on this replica."""
+        """vLLM's running / waiting requests and KV-cache usage on this replica, and its GPU group's latest
+        reading (``gpu``: utilisation 0..1, memory bytes; None without GPUs)."""
         load = current_load().as_dict()
         load["unfinished"] = self._unfinished_requests()
+        load["gpu"] = self._gpu_reading.as_dict() if self._gpu_reading is not None else None
         return load
 
     def _unfinished_requests(self) -> int | None:

@@ -11,7 +11,7 @@ profile chunks every chat prompt (``long_prefill_token_threshold``), so any
 request with ``seed`` and a temperature did that.
 
 ``make_seeded_sampling_safe`` runs inside each vLLM worker (the replica adds
-``SeededSamplingExtension`` as vLLM's ``worker_extension_cls`` and calls it with
+``worker_extension.WorkerExtension`` as vLLM's ``worker_extension_cls`` and calls it with
 ``collective_rpc`` before it warms up) and patches that worker's model runner,
 and only where the rewind would fail: the sampling of a step is
 wrapped so that the generators of requests whose token will be discarded get
@@ -97,22 +97,3 @@ def _without_offset_rewind(bookkeeping, runner):
             batch.generators = generators
 
     return wrapper
-
-
-# vLLM's ``worker_extension_cls``: mixed into the worker class in each worker
-# process, so the replica can call the method below by name through
-# ``collective_rpc`` (a function would need vLLM's insecure pickling).
-EXTENSION_QUALNAME = "deployments.server.seeded_sampling.SeededSamplingExtension"
-RPC_METHOD = "llm_serving_make_seeded_sampling_safe"
-
-
-class SeededSamplingExtension:
-    def llm_serving_make_seeded_sampling_safe(self) -> str:
-        return make_seeded_sampling_safe(self)
-
-
-def extension_kwargs(engine_kwargs: dict) -> dict | None:
-    """The engine_kwargs to add for our worker extension, or None where the profile names its own."""
-    if engine_kwargs.get("worker_extension_cls") not in (None, EXTENSION_QUALNAME):
-        return None
-    return {"worker_extension_cls": EXTENSION_QUALNAME}
