@@ -214,7 +214,9 @@ class RequestLife:
             while True:
                 left = finish_by - self._clock()
                 try:
-                    chunk = await asyncio.wait_for(anext(chunks), max(0.0, min(left, budgets.stall_s)))
+                    # asyncio.timeout, not wait_for: on Python 3.11 wait_for makes a Task per chunk.
+                    async with asyncio.timeout(max(0.0, min(left, budgets.stall_s))):
+                        chunk = await anext(chunks)
                 except StopAsyncIteration:
                     completed = True
                     self._served()
