@@ -80,6 +80,11 @@ PYSPY = os.environ.get("PYSPY", "/tmp/pyspy/bin/py-spy")
 WORDS = 100          # 100 words -> 499 prompt tokens + 19 of the chat template = 518
 MAX_TOKENS = 256
 CLIENT_PROCS = 8
+# Pass 2 (ours only): after the base phases, redeploy with this many router replicas each (only the Router
+# deployment's autoscaling bounds change, a lightweight update: the LLM replica and its engine stay up)
+# and repeat c64 / c256. "" runs pass 1's phases.
+ROUTER_STEPS = [int(x) for x in os.environ.get("ROUTER_STEPS", "").split(",") if x.strip()]
+DEPLOYED: dict = {}
 
 
 def words(seed: int, n: int) -> str:
@@ -588,6 +593,7 @@ def start_target() -> tuple[str, object]:
                                           grpc_options=gRPCOptions(**config.grpc_options.model_dump()),
                                           controller_options=config.controller_options)
         client.deploy_apps(config, _blocking=False)
+        DEPLOYED.update(client=client, cfg=cfg)
         while True:
             st = serve.status().applications.get("llm")
             if st is not None and st.status == "RUNNING":
@@ -804,6 +810,49 @@ def server_excerpt() -> None:
        f"| grep -v -E 'HTTP/1.1\" 200|metrics' | cut -c1-400 | head -120 > {OUT}/server_{TARGET}.txt", 60)
 
 
+def redeploy_routers(n: int, limit_s: float = 120) -> float:
+    """Set the Router deployment to exactly ``n`` replicas through the config's ``deployments`` override and
+    wait until ``n`` run; returns the seconds it took. The LLM deployment is untouched (same code version)."""
+    import copy
+
+    from ray import serve
+    from ray.serve.schema import ServeDeploySchema
+
+    t0 = time.time()
+    cfg = copy.deepcopy(DEPLOYED["cfg"])
+    cfg["applications"][0]["deployments"] = [{"name": "Router", "autoscaling_config": {
+        "min_replicas": n, "max_replicas": n, "initial_replicas": n, "upscale_delay_s": 0, "downscale_delay_s": 0}}]
+    DEPLOYED["client"].deploy_apps(ServeDeploySchema.model_validate(cfg), _blocking=False)
+    while time.time() - t0 < limit_s:
+        app = serve.status().applications.get("llm")
+        router = app.deployments.get("Router") if app else None
+        if router is not None and router.replica_states.get("RUNNING", 0) == n and app.status == "RUNNING" \
+                and sum(router.replica_states.values()) == n:
+            return time.time() - t0
+        time.sleep(1)
+    raise TimeoutError(f"Router not at {n} replicas after {limit_s} s")
+
+
+class GpuHealthWatch(threading.Thread):
+    """ours: the GPU group reading the LLM replica reports in /health (issue 13's GPU signal), every 1 s."""
+
+    def __init__(self, base: str):
+        super().__init__(daemon=True)
+        self.base, self.stop_ev, self.series = base, threading.Event(), []
+
+    def run(self):
+        import httpx
+        with httpx.Client(base_url=self.base, timeout=10) as c:
+            while not self.stop_ev.is_set():
+                try:
+                    pools = c.get("/health").json().get("pools", {})
+                    gpu_now = {name: (p.get("engine_load") or {}).get("gpu") for name, p in pools.items()}
+                    self.series.append([round(time.time() - T0, 1), gpu_now])
+                except Exception as e:  # noqa: BLE001
+                    self.series.append([round(time.time() - T0, 1), repr(e)[:100]])
+                self.stop_ev.wait(1.0)
+
+
 def main() -> None:
     g0 = gpu()
     log("gpu before:", g0)
@@ -827,25 +876,20 @@ def main() -> None:
     res["ray_titles"] = [cl[:120] for _, _, cl in proc_rows() if cl.startswith(("ray::", "VLLM"))][:40]
     log("READY in", res["ready_s"], "s; roles", roles, "; gpu:", gpu())
     save()
+    watch = GpuHealthWatch(base) if TARGET == "ours" else None
+    if watch is not None:
+        watch.start()
     try:
-        run_phase("warm", base, roles, n=3, seed=-10, max_tokens=16, sequential=True, timeout=60)
-        run_phase("s1", base, roles, n=3, seed=200, sequential=True, timeout=60)
-        run_phase("c64", base, roles, n=64, seed=2000, timeout=min(120, max(30, left() - 60)))
-        run_phase("c256", base, roles, n=256, seed=1000, timeout=min(200, max(30, left() - 45)))
-        est = (res["phases"].get("c256", {}).get("client", {}).get("wall_s") or 30) + 25
-        if left() > est + 30 and not pyspy_ok():
-            run_phase("p256", base, roles, n=256, seed=5000, profile=True, timeout=min(200, max(30, left() - 40)))
+        if ROUTER_STEPS:
+            pass_two(base, roles)
         else:
-            log("p256 skipped:", pyspy_ok() or f"{left():.0f} s left")
-        if left() > 45:
-            run_phase("n256", base, roles, n=256, seed=6000, stream=False, timeout=min(120, max(30, left() - 35)))
-        if left() > 40:
-            run_phase("c64b", base, roles, n=64, seed=3000, timeout=min(120, max(30, left() - 30)))
-        if left() > est + 20:
-            run_phase("c256b", base, roles, n=256, seed=4000, timeout=min(200, max(30, left() - 25)))
+            pass_one(base, roles)
     except Exception:
         res["bench_error"] = traceback.format_exc()
         log("BENCH ERROR\n" + res["bench_error"])
+    if watch is not None:
+        watch.stop_ev.set()
+        res["gpu_health"] = watch.series
     server_excerpt()
     save()
     stop_target(handle)
@@ -854,6 +898,46 @@ def main() -> None:
     res["total_s"] = round(time.time() - T0, 1)
     save()
     log("done; gpu:", res["gpu_end"])
+
+
+def pass_two(base: str, roles: dict[str, int]) -> None:
+    """Each step of the fix on the same workload in one lease: base phases, then each router count."""
+    run_phase("warm", base, roles, n=3, seed=-10, max_tokens=16, sequential=True, timeout=60)
+    run_phase("s1", base, roles, n=3, seed=200, sequential=True, timeout=60)
+    run_phase("c64", base, roles, n=64, seed=2000, timeout=min(120, max(30, left() - 60)))
+    run_phase("c256", base, roles, n=256, seed=1000, timeout=min(200, max(30, left() - 45)))
+    if left() > 45:
+        run_phase("n256", base, roles, n=256, seed=6000, stream=False, timeout=min(120, max(30, left() - 35)))
+    for n in ROUTER_STEPS if TARGET == "ours" else []:
+        est = (res["phases"].get("c256", {}).get("client", {}).get("wall_s") or 30) + 60
+        if left() < est + 30:
+            log(f"routers={n} skipped: {left():.0f} s left")
+            break
+        took = redeploy_routers(n)
+        roles = find_roles(res.get("server_pid"))
+        res.setdefault("router_steps", {})[n] = {"redeploy_s": round(took, 1), "roles": roles}
+        log(f"routers={n} running after {took:.0f} s")
+        run_phase(f"c64_r{n}", base, roles, n=64, seed=2000 + n, timeout=min(120, max(30, left() - 40)))
+        run_phase(f"c256_r{n}", base, roles, n=256, seed=1000 + n, timeout=min(200, max(30, left() - 30)))
+
+
+def pass_one(base: str, roles: dict[str, int]) -> None:
+    """Pass 1: the baseline phases and the profiled one."""
+    run_phase("warm", base, roles, n=3, seed=-10, max_tokens=16, sequential=True, timeout=60)
+    run_phase("s1", base, roles, n=3, seed=200, sequential=True, timeout=60)
+    run_phase("c64", base, roles, n=64, seed=2000, timeout=min(120, max(30, left() - 60)))
+    run_phase("c256", base, roles, n=256, seed=1000, timeout=min(200, max(30, left() - 45)))
+    est = (res["phases"].get("c256", {}).get("client", {}).get("wall_s") or 30) + 25
+    if left() > est + 30 and not pyspy_ok():
+        run_phase("p256", base, roles, n=256, seed=5000, profile=True, timeout=min(200, max(30, left() - 40)))
+    else:
+        log("p256 skipped:", pyspy_ok() or f"{left():.0f} s left")
+    if left() > 45:
+        run_phase("n256", base, roles, n=256, seed=6000, stream=False, timeout=min(120, max(30, left() - 35)))
+    if left() > 40:
+        run_phase("c64b", base, roles, n=64, seed=3000, timeout=min(120, max(30, left() - 30)))
+    if left() > est + 20:
+        run_phase("c256b", base, roles, n=256, seed=4000, timeout=min(200, max(30, left() - 25)))
 
 
 if __name__ == "__main__":
