@@ -108,7 +108,18 @@ def test_near_the_slo_the_window_grows_only_while_the_learnt_line_fits_one_more(
     assert batch_at_slo(window.points, SLO) == pytest.approx(8.6)
     assert window.observe(busy(cpu.tpot(7), in_use=7)).move is WindowMove.GROW and window.per_replica == 8
     assert window.observe(busy(0.049, in_use=8)).move is WindowMove.HOLD
-    assert window.observe(busy(0.051, in_use=8)).move is WindowMove.SHRINK  # over the SLO: cut
+    assert window.observe(busy(0.051, in_use=8)).move is WindowMove.HOLD  # just over, once: confirm
+    assert window.observe(busy(0.051, in_use=8)).move is WindowMove.SHRINK  # over on the second look: cut
+
+
+def test_one_look_just_over_the_slo_is_confirmed_before_a_cut_but_one_clearly_over_cuts_at_once():
+    window = AdaptiveWindow(WindowSettings(initial=8), SLO)
+    for _ in range(10):  # noise around the SLO, never over twice in a row: no cut
+        assert window.observe(busy(0.052, in_use=8)).move is WindowMove.HOLD
+        assert window.observe(busy(0.047, in_use=8)).move is WindowMove.HOLD
+    assert window.per_replica == 8
+    # clearly over (past SLO / grow_below = 62.5 ms): cut on the first look
+    assert window.observe(busy(0.07, in_use=8)).move is WindowMove.SHRINK and window.per_replica == 6
 
 
 def test_window_holds_when_not_full_or_near_the_slo():
