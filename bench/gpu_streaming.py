@@ -571,6 +571,9 @@ def start_target() -> tuple[str, object]:
     cfg = cfgmod.derive_serve_config(REPO / "serve_config.yaml", MODEL_DIR)
     os.makedirs(OUT, exist_ok=True)
     ep_dir = f"/tmp/gpu_streaming_ep_{TARGET}"
+    if TARGET == "ours" and os.environ.get("ROUTERS"):  # router replicas from the start (args, as a profile sets)
+        cfg["applications"][0]["args"]["router"]["deployment"]["autoscaling_config"] = {
+            "min_replicas": int(os.environ["ROUTERS"]), "max_replicas": int(os.environ["ROUTERS"])}
     if TARGET == "ours":  # the project's own stat-logger plugin, as `pip install -e .` registers it
         cfgmod.register_stat_loggers(ep_dir, {"llm_serving_engine_load":
                                               "deployments.server.engine_load:EngineLoadLogger"})
@@ -808,11 +811,15 @@ def server_excerpt() -> None:
     sh(f"grep -h -E -i 'non-default args|Asynchronous scheduling|async_scheduling|max_num_seqs|chunked|"
        f"Traceback|Error|uvloop|attention backend|KV cache|could not' {src} 2>/dev/null "
        f"| grep -v -E 'HTTP/1.1\" 200|metrics' | cut -c1-400 | head -120 > {OUT}/server_{TARGET}.txt", 60)
+    if TARGET == "ours":  # the GPU signal as the replica learnt it and as the policy used it
+        sh(f"grep -h -E 'autoscaling |GPU group|GPU reading|no GPU signal|EngineCore.*pid|Started engine|"
+           f"Replica.*(started|stopped)' {src} 2>/dev/null | cut -c1-400 | tail -150 > {OUT}/autoscaling_{TARGET}.txt", 60)
 
 
 def redeploy_routers(n: int, limit_s: float = 120) -> float:
     """Set the Router deployment to exactly ``n`` replicas through the config's ``deployments`` override and
-    wait until ``n`` run; returns the seconds it took. The LLM deployment is untouched (same code version)."""
+    wait until ``n`` run; returns the seconds it took. Meant to leave the LLM deployment alone; the first
+    such change in the lease of 2026-11-30 replaced the LLM replica all the same (docs/streaming.md)."""
     import copy
 
     from ray import serve

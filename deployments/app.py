@@ -48,7 +48,7 @@ def build_app(args: Dict[str, Any]) -> Application:
     model_id = primary_config.model_id
     router = app_args.router
     router_cls = router_ingress_class(router.admission.max_request_bytes)
-    return serve.deployment(router_cls, name="Router", **without_serve_delays(router.deployment)).bind(
+    return serve.deployment(router_cls, name="Router", **without_serve_delays(app_args.router_deployment)).bind(
         # OpenAiIngress keys replicas by model; the router picks among the pools itself.
         llm_deployments={model_id: pool_apps[primary]},
         model_cards={model_id: to_model_metadata(model_id, primary_config)},

@@ -99,3 +99,15 @@ def test_bad_profile_queue_overrides_are_refused(args, override, message):
     args["profiles"][GPU_PROFILE]["router_queues"] = override
     with pytest.raises(ValidationError, match=message):
         AppArgs.model_validate(args)
+
+
+def test_streaming_gpu_profiles_run_several_router_replicas_and_the_cpu_one_keeps_one(args):
+    cpu = AppArgs.model_validate(args).router_deployment
+    assert cpu["autoscaling_config"]["min_replicas"] == cpu["autoscaling_config"]["max_replicas"] == 1
+    args["profile"] = GPU_PROFILE
+    gpu = AppArgs.model_validate(args).router_deployment
+    assert gpu["autoscaling_config"]["min_replicas"] == gpu["autoscaling_config"]["max_replicas"] == 4
+    assert gpu["max_ongoing_requests"] == cpu["max_ongoing_requests"]  # the rest of router.deployment stays
+    del args["profile"]
+    args["layout"] = "4090d-mixed"  # a layout: the largest of its pools' profiles
+    assert AppArgs.model_validate(args).router_deployment["autoscaling_config"]["max_replicas"] == 4

@@ -76,6 +76,19 @@ class AppArgs(BaseModel):
         return QueueSettings.model_validate(_merged(self.router.queues.model_dump(), profile.router_queues))
 
     @property
+    def router_deployment(self) -> Dict[str, Any]:
+        """The router's @serve.deployment options: ``router.deployment``, its replica count fixed to the
+        largest ``router_replicas`` of the served profiles where one sets it."""
+        options = dict(self.router.deployment)
+        wanted = [pool.profile.router_replicas for pool in self.pools if pool.profile.router_replicas]
+        if wanted:
+            n = max(wanted)
+            options.pop("num_replicas", None)
+            options["autoscaling_config"] = {**options.get("autoscaling_config", {}), "min_replicas": n,
+                                             "max_replicas": n, "initial_replicas": n}
+        return options
+
+    @property
     def primary(self) -> Profile:
         """The first pool's profile: the served model's name and tokenizer come from it."""
         return self.pools[0].profile

@@ -1,0 +1,61 @@
+"""The streaming comparison table from bench/gpu_streaming.py's results (issue 12).
+
+    python bench/streaming_report.py docs/bench/streaming/pass2
+
+Reads every ``res_*.json`` in the folder (one per target run, saved by gpu_streaming.py), takes bare
+vLLM's phases as the reference and prints, per run and phase: output tok/s and its ratio to bare's
+same phase, TTFT p50/p99, the inter-chunk gap p99, tokens per SSE chunk, and the CPU seconds of each
+Serve hop over the phase (every Router replica summed) with the hop's share of one core over the
+phase's wall time. Nothing is measured here; it only tabulates what the device runs wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+PHASES = ("s1", "c64", "c64b", "c64_r2", "c64_r4", "c256", "c256b", "c256_r2", "c256_r4", "n256")
+
+
+def _hops(phase: dict) -> dict[str, float]:
+    """CPU seconds per hop over the phase; router replicas summed (only one carries the role label)."""
+    hops = {"proxy": 0.0, "router": 0.0, "llm_replica": 0.0, "engine": 0.0}
+    for proc in phase.get("cpu", {}).get("top_processes", []):
+        cmd, role = proc["cmd"], proc.get("role", "")
+        if role == "proxy":
+            hops["proxy"] += proc["cpu_s"]
+        elif ":Router" in cmd or ":OpenAiIngress" in cmd:
+            hops["router"] += proc["cpu_s"]
+        elif role in ("llm_replica", "api_server"):
+            hops["llm_replica"] += proc["cpu_s"]
+        elif role == "engine_core" or "RayWorkerProc" in cmd:
+            hops["engine"] += proc["cpu_s"]
+    return hops
+
+
+def rows(folder: Path) -> list[str]:
+    runs = {p.stem[len("res_"):]: json.loads(p.read_text()) for p in sorted(folder.glob("res_*.json"))}
+    bare = runs.get("bare", {}).get("phases", {})
+    out = ["| run | phase | output tok/s | ÷ bare | TTFT p50 / p99 s | gap p99 ms | tok/chunk "
+           "| CPU s: proxy / routers / LLM replica / engine (cores) |",
+           "|---|---|---|---|---|---|---|---|"]
+    for run, res in runs.items():
+        for name in PHASES:
+            phase = res.get("phases", {}).get(name)
+            if not phase:
+                continue
+            c = phase["client"]
+            ref = bare.get(name.split("_")[0].rstrip("b"), {}).get("client", {}).get("out_tok_s")
+            ratio = f"{c['out_tok_s'] / ref:.2f}×" if ref else "-"
+            ttft = f"{c['ttft_p50']:.2f} / {c['ttft_p99']:.2f}" if c.get("ttft_p50") is not None else "-"
+            wall = c["wall_s"] or 1.0
+            hops = _hops(phase)
+            cpu = " / ".join(f"{v:.1f} ({v / wall:.1f})" for v in hops.values())
+            out.append(f"| {run} | {name} | {c['out_tok_s']:,.0f} | {ratio} | {ttft} | {c.get('gap_ms_p99', '-')} "
+                       f"| {c.get('tokens_per_chunk', '-')} | {cpu} |")
+    return out
+
+
+if __name__ == "__main__":
+    print("\n".join(rows(Path(sys.argv[1] if len(sys.argv) > 1 else "docs/bench/streaming/pass2"))))
