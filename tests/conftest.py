@@ -8,6 +8,8 @@ come after those, and the test that shuts it down runs last.
 
 from __future__ import annotations
 
+import sys
+
 import openai
 import pytest
 
@@ -37,6 +39,16 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "changes_app: redeploys the session app with its own config and "
                                        "leaves it so (after the disruptive ones; saves a restore each)")
     config.addinivalue_line("markers", "runs_last: tears the session cluster down")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Name the slowest fuzzed requests (tests/test_fuzz.py), so a slow case can be replayed."""
+    fuzz = sys.modules.get("tests.test_fuzz") or sys.modules.get("test_fuzz")
+    cases = fuzz.slowest() if fuzz is not None else []
+    if cases:
+        terminalreporter.section("slowest fuzzed requests (over 3x the median)")
+        for seconds, path, sent in cases:
+            terminalreporter.write_line(f"{seconds:7.1f}s  {path}  {sent}")
 
 
 @pytest.fixture(scope="session")

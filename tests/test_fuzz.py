@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 import httpx
@@ -145,7 +146,8 @@ def test_openapi_document_declares_openai_errors(base_url):
 def test_openapi_fuzz(case, model_id):
     # The map_body hook only sees fuzzed bodies; explicit and coverage cases are kept small here.
     case.body = keep_it_small(case.body, model_id)
-    case.call_and_validate(checks=CHECKS, timeout=REQUEST_TIMEOUT_S)
+    timed(f"{case.method} {case.path}", case.body,
+          lambda: case.call_and_validate(checks=CHECKS, timeout=REQUEST_TIMEOUT_S))
 
 
 # --- hypothesis over message content -------------------------------------------
@@ -226,9 +228,31 @@ def expected_problem(msgs: list[dict]) -> str | None:
     return None
 
 
+# Every fuzzed request's time, so the slow ones are named at the end of the run (conftest.py's
+# terminal summary): one example once took 70 s on the engine and nothing said which.
+TIMINGS: list[tuple[float, str, str]] = []  # (seconds, path, what was sent, shortened)
+
+
+def timed(path: str, sent: Any, call):
+    started = time.monotonic()
+    try:
+        return call()
+    finally:
+        TIMINGS.append((time.monotonic() - started, path, repr(sent)[:300]))
+
+
+def slowest(n: int = 5) -> list[tuple[float, str, str]]:
+    """The ``n`` slowest fuzzed requests that took over 3x the median, slowest first."""
+    if len(TIMINGS) < 10:
+        return []
+    median = sorted(t for t, _, _ in TIMINGS)[len(TIMINGS) // 2]
+    return sorted((c for c in TIMINGS if c[0] > 3 * median), reverse=True)[:n]
+
+
 def post_raw(base_url: str, path: str, raw: bytes) -> httpx.Response:
-    return httpx.post(base_url + path, content=raw, headers={"content-type": "application/json"},
-                      timeout=REQUEST_TIMEOUT_S)
+    return timed(path, raw, lambda: httpx.post(base_url + path, content=raw,
+                                               headers={"content-type": "application/json"},
+                                               timeout=REQUEST_TIMEOUT_S))
 
 
 def assert_openai_error(response: httpx.Response) -> dict:
