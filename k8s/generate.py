@@ -95,8 +95,11 @@ def _worker_group(name: str, node_pool: str | None, gpus_min: int, gpus_max: int
         "replicas": min_nodes,
         "minReplicas": min_nodes,
         "maxReplicas": max(1, math.ceil(gpus_max / GPUS_PER_NODE)),
-        # Pins GPU groups by custom resources: Ray names a 4090D's accelerator "G".
-        "rayStartParams": {"resources": json.dumps(resources)},
+        # Pins GPU groups by custom resources: Ray names a 4090D's accelerator "G". KubeRay v1.7's group-level
+        # map (quantity strings): the operator renders it as --resources='{...}' (pod.go,
+        # updateRayStartParamsResources) and the autoscaler reads it as is; rayStartParams.resources would be
+        # pasted unquoted into the shell command line, and the two forms may not be combined.
+        "resources": {key: str(value) for key, value in resources.items()},
         "template": {"spec": {
             "nodeSelector": node_selector,
             "tolerations": GPU_TOLERATIONS,

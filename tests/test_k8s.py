@@ -131,7 +131,10 @@ def test_serve_config_v2_is_serve_config_yaml_but_for_selection_and_host(name):
 def check_worker_group(worker: dict, resources: dict, node_pool: str | None) -> None:
     container = worker["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
-    assert json.loads(worker["rayStartParams"]["resources"]) == resources
+    # KubeRay v1.7's group-level map (quantity strings), never rayStartParams.resources: KubeRay pastes that
+    # into the shell unquoted, and refuses a group that sets both (validation.go, validateRayGroupResources).
+    assert {k: float(v) for k, v in worker["resources"].items()} == resources
+    assert not {"resources", "num-cpus", "num-gpus", "memory"} & set(worker.get("rayStartParams", {}))
     spec = worker["template"]["spec"]
     assert spec["tolerations"] and spec["nodeSelector"]["nvidia.com/gpu.product"]
     assert spec["nodeSelector"].get("llm-serving/node-pool") == node_pool
@@ -160,7 +163,7 @@ def test_mixed_layout_cluster_has_a_worker_group_per_node_pool():
     # Each pool's bundles ask for exactly the resource its own group advertises.
     args = AppArgs.model_validate(embedded_serve_config("rayservice-mixed.yaml")["applications"][0]["args"])
     for pool, group in zip(args.pools, (interactive, long_context)):
-        advertised = json.loads(group["rayStartParams"]["resources"])
+        advertised = group["resources"]
         for bundle in pool.llm_config_fields()["placement_group_config"]["bundles"]:
             assert {k for k in bundle if k not in ("GPU", "CPU")} <= set(advertised)
 
