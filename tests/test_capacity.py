@@ -63,3 +63,42 @@ def test_every_gpu_profile_fits():
 
     for name, profile in gpu_profiles().items():
         assert plan(QWEN25_7B, group_settings(profile)).concurrent_sequences >= 1, name
+
+
+# vLLM's own figures for the TP1 FP16 profile's engine (Qwen2.5-7B-shaped FP16 dummy weights,
+# gpu_memory_utilization 0.9, max_model_len 8192, max_num_batched_tokens 2048), vLLM 0.26.0 on the
+# lent H200, quoted from docs/bench/streaming/pass2/server_ours_steps_a.txt (docs/gpu.md):
+#   "Available KV cache memory: 110.96 GiB"
+#   "GPU KV cache size: 2,077,680 tokens"
+#   "Free memory on device (139.29/139.8 GiB) on startup. Desired GPU memory utilization is (0.9,
+#    125.82 GiB). Actual usage is 14.29 GiB for weight, 0.35 GiB for peak activation, 0.22 GiB for
+#    non-torch memory, and 0.89 GiB for CUDAGraph memory."
+H200_TOTAL_GIB = 139.8
+VLLM_WEIGHTS_GIB = 14.29
+VLLM_KV_GIB = 110.96
+VLLM_KV_TOKENS = 2_077_680
+VLLM_PEAK_ACTIVATION_GIB, VLLM_NON_TORCH_GIB, VLLM_CUDAGRAPH_GIB = 0.35, 0.22, 0.89
+
+
+def test_planner_weights_match_vllm_on_the_h200():
+    p = plan(QWEN25_7B, GroupSettings(gpu_memory_gib=H200_TOTAL_GIB, max_model_len=8192))
+    assert p.weight_bytes_per_gpu / GIB == pytest.approx(VLLM_WEIGHTS_GIB, rel=0.05)  # 14.19 vs 14.29
+
+
+def test_planner_kv_bytes_per_token_match_vllm_on_the_h200():
+    # vLLM's KV memory over its token count is the bytes per token it allocated
+    per_token = VLLM_KV_GIB * GIB / VLLM_KV_TOKENS
+    assert kv_bytes_per_token(QWEN25_7B, GroupSettings()) == pytest.approx(per_token, rel=0.05)
+    assert kv_bytes_per_token(QWEN25_7B, GroupSettings()) == pytest.approx(per_token, rel=0.001)
+
+
+def test_planner_kv_tokens_and_overhead_match_vllm_on_the_h200():
+    p = plan(QWEN25_7B, GroupSettings(gpu_memory_gib=H200_TOTAL_GIB, max_model_len=8192))
+    assert p.kv_tokens == pytest.approx(VLLM_KV_TOKENS, rel=0.05)  # 2,062,338 vs 2,077,680
+    # The planner's 1.5 GiB overhead is activations + non-torch + CUDA graphs (1.46 GiB measured).
+    # vLLM 0.26 left the CUDA graphs out of the KV budget (125.82 - 14.29 - 0.35 - 0.22 = 110.96);
+    # later vLLM subtracts them (VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS, default on in 0.29).
+    measured = VLLM_PEAK_ACTIVATION_GIB + VLLM_NON_TORCH_GIB + VLLM_CUDAGRAPH_GIB
+    assert GroupSettings().overhead_gib == pytest.approx(measured, rel=0.05)
+    assert H200_TOTAL_GIB * 0.9 - VLLM_WEIGHTS_GIB - VLLM_PEAK_ACTIVATION_GIB - VLLM_NON_TORCH_GIB == pytest.approx(
+        VLLM_KV_GIB, abs=0.02)

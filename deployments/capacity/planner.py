@@ -21,12 +21,16 @@ class ModelShape:
     head_dim: int
     linear_params: float  # parameters in quantisable linear layers
     embedding_params: float  # embeddings + LM head: kept in 16 bits by AWQ/GPTQ/NF4
+    # The LM head's share of embedding_params: every decode step reads it in full, while the
+    # input embedding table is only gathered a row per token.
+    lm_head_params: float = 0.0
 
 
 # Qwen2.5-7B-Instruct config.json: 28 layers, 4 KV heads, head dim 128 (3584/28),
 # vocab 152064 x hidden 3584, untied LM head; 7.62e9 parameters in all.
 QWEN25_7B = ModelShape("Qwen2.5-7B-Instruct", layers=28, kv_heads=4, head_dim=128,
-                       linear_params=7.62e9 - 2 * 152064 * 3584, embedding_params=2 * 152064 * 3584)
+                       linear_params=7.62e9 - 2 * 152064 * 3584, embedding_params=2 * 152064 * 3584,
+                       lm_head_params=152064 * 3584)
 
 # Bytes per linear-layer parameter, scales included.
 WEIGHT_BYTES = {
@@ -80,6 +84,17 @@ def weight_bytes(model: ModelShape, precision: str) -> float:
     if precision not in WEIGHT_BYTES:
         raise CapacityError(f"unknown weight precision {precision!r}; known: {sorted(WEIGHT_BYTES)}")
     return model.linear_params * WEIGHT_BYTES[precision] + model.embedding_params * 2.0
+
+
+def decode_bytes_per_step(model: ModelShape, precision: str, tensor_parallel: int = 1) -> float:
+    """Weight bytes one GPU reads per decode step: its shard of the linear layers and the LM head.
+
+    Not the whole checkpoint: the input embedding table is gathered a row per token. The KV cache
+    read per step (context tokens x ``kv_bytes_per_token``) comes on top.
+    """
+    if precision not in WEIGHT_BYTES:
+        raise CapacityError(f"unknown weight precision {precision!r}; known: {sorted(WEIGHT_BYTES)}")
+    return (model.linear_params * WEIGHT_BYTES[precision] + model.lm_head_params * 2.0) / tensor_parallel
 
 
 def plan(model: ModelShape, settings: GroupSettings) -> CapacityPlan:
