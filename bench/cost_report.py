@@ -116,7 +116,7 @@ def _profile_rows(n: Numbers) -> list[str]:
                 f"| {name} | {tp} | **M** on the H200 (`{n.app}`) | **E** {_n(s1_est, 1)} (the app's H200 "
                 f"{_n(s1_app, 1)} x {n.bw_ratio:.3f}) | **M** {_pct(s1_app / n.h200_ceiling)} on the H200, "
                 f"**E** the same on the 4090D | **E** {_n(n256_est)} not streamed, {_n(c256_est)} streamed "
-                f"(method below) | **E** {_usd(cost.cost_per_million_tokens(n256_est))} / "
+                f"(method above) | **E** {_usd(cost.cost_per_million_tokens(n256_est))} / "
                 f"{_usd(cost.cost_per_million_tokens(c256_est))} | **E** "
                 f"{_usd(cost.cost_per_million_tokens(s1_est / tp))} |")
         else:
