@@ -24,6 +24,7 @@ from deployments.autoscaling.decision import (
 )
 from deployments.autoscaling.signals import LLM_METRICS, ROUTER_QUEUED, router_queued_metric
 from deployments.config.names import pool_of_deployment
+from deployments.observability import metrics
 
 logger = logging.getLogger("ray.serve")
 
@@ -53,7 +54,6 @@ class QueueGpuPolicy:
     def __init__(self, **policy_kwargs: Any):
         self._config = AutoscalingConfig.model_validate(policy_kwargs)
         self._last_reason: Dict[str, tuple] = {}
-        self._gauge = None
 
     def __call__(self, contexts: Dict[Any, Any]) -> Tuple[Dict[Any, int], Dict[Any, dict]]:
         is_llm = {dep: _is_llm(ctx) for dep, ctx in contexts.items()}
@@ -86,15 +86,10 @@ class QueueGpuPolicy:
         self._export(deployment, decision)
 
     def _export(self, deployment: str, decision) -> None:
-        try:
-            from ray.util.metrics import Gauge
-
-            if self._gauge is None:
-                self._gauge = Gauge("llm_autoscaling_target_replicas", "Target replicas from the policy, by signal",
-                                    tag_keys=("deployment", "signal"))
-            self._gauge.set(decision.target, tags={"deployment": deployment, "signal": decision.signal})
-        except Exception:  # metrics are best effort; a decision must never fail on them
-            logger.debug("could not export autoscaling metric", exc_info=True)
+        # Target and current replicas, and the signal behind the decision as a one-hot gauge
+        # (deployments/observability/metrics.py); best effort, a decision never fails on them.
+        metrics.autoscaling_decision(deployment, pool_of_deployment(deployment), current=decision.current,
+                                     target=decision.target, signal=decision.signal)
 
 
 def _queued_for(deployment_name: str, routers) -> float:

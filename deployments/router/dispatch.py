@@ -37,12 +37,13 @@ from starlette.responses import Response, StreamingResponse
 
 from ray.llm._internal.serve.core.configs.openai_api_models import OpenAIHTTPException
 
+from deployments.observability import metrics
 from deployments.router.budgets import Budgets
 from deployments.router.cancellation import CallTracker
 from deployments.router.errors import openai_error, sse_error_event
 from deployments.router.forecast import admits
 from deployments.router.pool import PoolState
-from deployments.router.scheduler import QueueFull, QueueTimeout
+from deployments.router.scheduler import QueueFull, QueueTimeout, Shed
 from deployments.router.settings import PriorityClass
 
 
@@ -56,6 +57,7 @@ class RequestPlan:
     budgets: Budgets
     stream: bool
     headers: dict[str, str] = field(default_factory=dict)
+    prompt_tokens: int = 0
 
 
 def engine_error_in(chunk: str) -> tuple[int, str] | None:
@@ -75,6 +77,21 @@ def engine_error_in(chunk: str) -> tuple[int, str] | None:
             code = error.get("code")
             return (code if isinstance(code, int) else 500), str(error.get("message", ""))
     return None
+
+
+def _usage_tokens(text) -> int | None:
+    """``usage.completion_tokens`` of a whole answer's body, or of a stream's usage event; None if absent."""
+    try:
+        if isinstance(text, (bytes, bytearray)):
+            text = text.decode("utf-8", "replace")
+        at = text.rfind('"completion_tokens":')
+        if at < 0:
+            return None
+        digits = text[at + len('"completion_tokens":'):].lstrip()[:12]
+        end = next((i for i, ch in enumerate(digits) if not ch.isdigit()), len(digits))
+        return int(digits[:end]) if end else None
+    except Exception:
+        return None
 
 
 class _Slot:
@@ -100,9 +117,47 @@ class RequestLife:
     def __init__(self, plan: RequestPlan, pool: PoolState, clock: Callable[[], float] = time.monotonic):
         self.plan, self.pool, self._clock = plan, pool, clock
         self._settings = pool.queue_settings
+        self._recorded = False
+        self._started_at: float | None = None
+        self._first_token_at: float | None = None
 
-    def _error(self, status: int, message: str, error_type: str | None = None, **extra_headers) -> Response:
+    def _error(self, status: int, message: str, error_type: str | None = None, *, reason: str,
+               **extra_headers) -> Response:
+        self._finished(status, reason)
         return openai_error(status, message, error_type, headers=self.plan.headers | extra_headers)
+
+    def _finished(self, status: int, reason: str, output_tokens: int | None = None) -> None:
+        """Record the request's outcome once (metrics), and what its engine work cost and delivered."""
+        if self._recorded:
+            return
+        self._recorded = True
+        try:
+            self._record(status, reason, output_tokens)
+        except Exception:  # metrics must never fail a request
+            metrics.logger.debug("could not record a request's metrics", exc_info=True)
+
+    def _record(self, status: int, reason: str, output_tokens: int | None) -> None:
+        pool, cls = self.plan.pool, self.plan.cls.label
+        metrics.request_finished(pool, cls, status, reason)
+        if self._started_at is None:  # never reached an engine
+            return
+        now, arrived = self._clock(), self.plan.budgets.arrived_at
+        served = status == 200
+        ttft = tpot = None
+        if self._first_token_at is not None:
+            ttft = self._first_token_at - arrived
+            if output_tokens and output_tokens > 1:
+                tpot = (now - self._first_token_at) / (output_tokens - 1)
+        within = False
+        if served:
+            slo = self._settings.targets(self.plan.cls)
+            if ttft is not None:  # a stream: TTFT and TPOT measured
+                within = ttft <= slo.ttft_s and (tpot is None or tpot <= slo.tpot_s)
+            else:  # a whole answer: its end by the TTFT SLO plus its tokens at the TPOT SLO
+                within = now - arrived <= slo.ttft_s + max(0, (output_tokens or 1) - 1) * slo.tpot_s
+        metrics.engine_work(pool, cls, prompt_tokens=self.plan.prompt_tokens, output_tokens=output_tokens,
+                            served=served, ttft_s=ttft, tpot_s=tpot, e2e_s=now - arrived if served else None,
+                            within_slo=within, wasted_reason=None if served else reason)
 
     async def run(self, call: Callable[[], Awaitable[Response]]) -> Response:
         refused = self._refusal()
@@ -112,6 +167,7 @@ class RequestLife:
         if isinstance(waited, Response):
             return waited
         self.plan.headers["x-queue-wait-ms"] = f"{waited * 1000:.0f}"
+        metrics.queue_waited(self.plan.pool, self.plan.cls.label, waited)
         self._started_at = self._clock()
         expected_s = self.pool.service_s(self.plan.cls, self.plan.max_tokens)
         return await self._call(call, _Slot(self.pool, self.plan.cls, expected_s))
@@ -121,14 +177,15 @@ class RequestLife:
         unavailable = self.pool.unavailable()
         if unavailable is not None:
             reason, retry_after = unavailable
-            return self._error(503, reason, **{"retry-after": str(retry_after)})
+            return self._error(503, reason, reason="circuit_open" if getattr(self.pool, "ready", True) else "loading",
+                               **{"retry-after": str(retry_after)})
         forecast = self.pool.forecast(self.plan.cls, self.plan.max_tokens)
         budgets, now, within = self.plan.budgets, self._clock(), self._settings.admit_within
         if not admits(forecast, budgets.start_by - now, within):
             return self._error(
                 429, f"the {self.plan.cls.label} class would wait about {forecast.seconds:.1f}s to start, beyond "
                      f"its start deadline of {budgets.start_by - now:.0f}s; retry later",
-                **{"retry-after": str(forecast.retry_after_s)})
+                reason="predicted_wait", **{"retry-after": str(forecast.retry_after_s)})
         if budgets.end_by is not None:
             # The client's own deadline bounds the whole request: refuse now what could not finish
             # by then even at the engine's current speed, instead of spending engine time on an
@@ -138,7 +195,7 @@ class RequestLife:
                 return self._error(
                     429, f"this request would take at least {finish_s:.1f}s (wait and generation), beyond its "
                          f"X-Request-Timeout of {budgets.end_by - budgets.arrived_at:.0f}s; retry later",
-                    **{"retry-after": str(forecast.retry_after_s)})
+                    reason="client_timeout_forecast", **{"retry-after": str(forecast.retry_after_s)})
         return None
 
     async def _acquire(self) -> float | Response:
@@ -147,17 +204,18 @@ class RequestLife:
             return await self.pool.scheduler.acquire(self.plan.cls, start_s, self.plan.max_tokens)
         except QueueFull as full:
             forecast = self.pool.forecast(self.plan.cls, self.plan.max_tokens)
-            return self._error(429, f"{full}; retry later", **{"retry-after": str(forecast.retry_after_s)})
+            return self._error(429, f"{full}; retry later", reason="shed" if isinstance(full, Shed) else "queue_full",
+                               **{"retry-after": str(forecast.retry_after_s)})
         except QueueTimeout as late:
             budgets = self.plan.budgets
             if budgets.end_by is not None and budgets.end_by <= budgets.start_by:  # the client's own timeout
                 return self._error(504, f"X-Request-Timeout of {budgets.start_deadline_s:.0f}s passed while "
-                                        f"queued ({late}); no engine work was spent")
+                                        f"queued ({late}); no engine work was spent", reason="client_timeout_queued")
             # Never started: a refusal for load, like a shed, not a server fault.
             forecast = self.pool.forecast(self.plan.cls, self.plan.max_tokens)
             return self._error(429, f"the {self.plan.cls.label} class could not start within its start deadline "
                                     f"of {budgets.start_deadline_s:.0f}s ({late}); no engine work was spent; "
-                                    "retry later", **{"retry-after": str(forecast.retry_after_s)})
+                                    "retry later", reason="queue_expired", **{"retry-after": str(forecast.retry_after_s)})
 
     async def _call(self, call: Callable[[], Awaitable[Response]], slot: _Slot) -> Response:
         budgets = self.plan.budgets
@@ -171,33 +229,40 @@ class RequestLife:
             calls.cancel_all()  # the replica's request is cancelled; vLLM aborts it
             slot.release()
             if self.plan.stream:
-                what = "start deadline"
-            else:  # a whole answer: the start deadline plus the generation budget, or the client's timeout
-                what = "X-Request-Timeout" if deadline == budgets.end_by else "deadline (start + generation)"
+                what, reason = "start deadline", "start_deadline"
+            elif deadline == budgets.end_by:  # a whole answer: the client's timeout
+                what, reason = "X-Request-Timeout", "client_timeout"
+            else:  # or the start deadline plus the generation budget
+                what, reason = "deadline (start + generation)", "deadline"
             return self._error(504, f"{what} of {deadline - budgets.arrived_at:.0f}s passed before the answer; "
-                                    "the engine request was aborted")
+                                    "the engine request was aborted", reason=reason)
         except OpenAIHTTPException as exc:
             slot.release()
             if exc.status_code >= 500:
                 self.pool.circuit.record_failure(f"engine error {exc.status_code}: {exc.message}"[:300])
-            return self._error(exc.status_code, exc.message, exc.type)
+            return self._error(exc.status_code, exc.message, exc.type, reason="engine_error")
         except Exception as exc:  # the replica or its engine failed
             calls.cancel_all()
             slot.release()
             self.pool.circuit.record_failure(f"replica call failed: {type(exc).__name__}: {exc}"[:300])
-            return self._error(503, f"model replicas unavailable: {type(exc).__name__}", **{"retry-after": "1"})
+            return self._error(503, f"model replicas unavailable: {type(exc).__name__}", reason="replica_error",
+                               **{"retry-after": "1"})
         except BaseException:  # client went away (CancelledError): free the slot, abort, settle nothing
             calls.cancel_all()
             slot.release()
+            self._finished(499, "client_gone")
             raise
         finally:
             calls.detach()
         if isinstance(response, StreamingResponse):
             slot.first_token()  # a stream's call returns at its first token
+            self._first_token_at = self._clock()
             response.body_iterator = self._guard_stream(response.body_iterator, slot, calls)
         else:
             slot.release()
             self._served()
+            self._finished(response.status_code, "ok" if response.status_code == 200 else "engine_error",
+                           _usage_tokens(getattr(response, "body", b"")))
         response.headers.update(self.plan.headers)
         return response
 
@@ -210,6 +275,10 @@ class RequestLife:
         budgets = self.plan.budgets
         finish_by = budgets.finish_by(self._clock())
         completed = False
+        # What the stream delivered, counted per chunk in C (str.count) and settled once at its end:
+        # SSE events; the usage event's tokens when the client asked for one (exact), else the events.
+        events, role_events, tail = 0, 0, ("", "")
+        status, reason = 499, "client_gone"
         try:
             while True:
                 left = finish_by - self._clock()
@@ -220,6 +289,7 @@ class RequestLife:
                 except StopAsyncIteration:
                     completed = True
                     self._served()
+                    status, reason = 200, "ok"
                     return
                 except TimeoutError:
                     if left <= budgets.stall_s:
@@ -228,11 +298,13 @@ class RequestLife:
                     else:
                         message = f"no output for {budgets.stall_s:.0f}s; the engine request was aborted"
                         self.pool.circuit.trip(f"stall: {message}")  # a hung engine: open now, probe later
+                    status, reason = 504, "generation_budget" if left <= budgets.stall_s else "stall"
                     yield sse_error_event(504, message)
                     yield "data: [DONE]\n\n"
                     return
                 except Exception as exc:  # the replica died mid-stream
                     self.pool.circuit.record_failure(f"replica failed mid-stream: {type(exc).__name__}: {exc}"[:300])
+                    status, reason = 503, "replica_error"
                     yield sse_error_event(503, f"model replica failed mid-stream: {type(exc).__name__}")
                     yield "data: [DONE]\n\n"
                     return
@@ -241,13 +313,22 @@ class RequestLife:
                     code, message = failed
                     if code >= 500:
                         self.pool.circuit.record_failure(f"engine error mid-stream: {message}"[:300])
+                    status, reason = code, "engine_error"
                     yield chunk
                     if not chunk.rstrip().endswith("data: [DONE]"):
                         yield "data: [DONE]\n\n"
                     return
+                if not events:  # a chat stream's first event (one per choice) names the role, no token
+                    role_events = chunk.count('"role"')
+                events += chunk.count("data: ")
+                tail = (tail[1], chunk)
                 yield chunk
         finally:
             slot.release()
             if not completed:  # budget, stall or client gone: the replica aborts the request
                 calls.cancel_all()
             await chunks.aclose()
+            tokens = _usage_tokens("".join(tail))
+            if tokens is None:  # no usage event: one token per event, less the role and [DONE] events
+                tokens = max(0, events - role_events - tail[1].count("[DONE]"))
+            self._finished(status, reason, tokens)

@@ -10,6 +10,8 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
+from deployments.observability import metrics
+
 # OpenAI's error `type` for each status the router answers with.
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -38,6 +40,8 @@ def openai_error(
 
 async def _http_exception_to_openai(request: Request, exc: HTTPException) -> JSONResponse:
     # FastAPI's default answers {"detail": ...}; OpenAI clients expect {"error": ...}.
+    if exc.status_code >= 400:
+        metrics.refused_at_door(exc.status_code, "http_error")
     return openai_error(exc.status_code, str(exc.detail), headers=exc.headers)
 
 
@@ -56,6 +60,7 @@ async def _validation_error_to_openai(request: Request, exc: RequestValidationEr
         message = f"invalid request: {first.get('msg', 'invalid').removeprefix('Value error, ')}"
     else:
         message = f"Invalid value for '{param}': {first.get('msg', 'invalid')}"
+    metrics.refused_at_door(400, "schema")
     return openai_error(400, message, param=param)
 
 

@@ -26,6 +26,7 @@ from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
 from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard
 
 from deployments.autoscaling.signals import ROUTER_QUEUED, router_queued_metric
+from deployments.observability import metrics
 from deployments.router.admission import admit
 from deployments.router.budgets import TIMEOUT_HEADER, decide_budgets
 from deployments.router.cancellation import TrackingHandle
@@ -101,7 +102,7 @@ class Router(OpenAiIngress):
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         problem = check_chat_messages(body.messages) or check_chat_template_kwargs(body.chat_template_kwargs)
         if problem is not None:
-            return _problem_response(problem)
+            return _problem_response(problem, "invalid_messages")
         return await self._serve(body, request, "chat", lambda: self._tokens.chat(
             body.messages, add_generation_prompt=body.add_generation_prompt,
             continue_final_message=body.continue_final_message))
@@ -149,12 +150,12 @@ class Router(OpenAiIngress):
         id_fields = {name: getattr(body, name, None) for name in ("prompt", "logit_bias", *TOKEN_ID_FIELDS)}
         problem = check_token_ids(id_fields, self._tokens.vocab_size)
         if problem is not None:
-            return _problem_response(problem)
+            return _problem_response(problem, "invalid_token_ids")
         # Tokenising a 1 MB prompt takes a while; keep the event loop free.
         prompt_tokens = await asyncio.to_thread(count_tokens)
         planned = self._plan(body, request, prompt_tokens, arrived_at)
         if isinstance(planned, RequestProblem):
-            return _problem_response(planned)
+            return _problem_response(planned, None)  # counted where _plan found it
         body, plan = planned
         _CHOSEN_POOL.set(plan.pool)
         return await RequestLife(plan, self._pools[plan.pool]).run(
@@ -164,7 +165,7 @@ class Router(OpenAiIngress):
         """(the body to send, its RequestPlan), or the RequestProblem that answers it with a 4xx."""
         classification = classify(prompt_tokens, request.headers.get(PRIORITY_HEADER), self._settings.classification)
         if isinstance(classification, RequestProblem):
-            return classification
+            return _counted(classification, "classification")
         cls = classification.priority
         fields = {name: getattr(body, name, None) for name in SAMPLING_FIELDS}
         completion_cap = getattr(body, "max_completion_tokens", None)  # 0 is a value to refuse, not unset
@@ -174,12 +175,12 @@ class Router(OpenAiIngress):
         pool = self._pools[choose_pool(cls, needed, self._routes).name]
         admitted = admit(fields, prompt_tokens, pool.route.max_model_len, admission)
         if isinstance(admitted, RequestProblem):
-            return admitted
+            return _counted(admitted, "admission")
         queues = pool.queue_settings
         budgets = decide_budgets(queues.targets(cls), queues, admitted.max_tokens, arrived_at,
                                  request.headers.get(TIMEOUT_HEADER))
         if isinstance(budgets, RequestProblem):
-            return budgets
+            return _counted(budgets, "timeout_header")
         updates = dict(admitted.updates)
         if hasattr(body, "max_completion_tokens"):
             updates["max_completion_tokens"] = admitted.max_tokens
@@ -191,12 +192,20 @@ class Router(OpenAiIngress):
                    "x-llm-pool": pool.route.name, "x-prompt-tokens": str(prompt_tokens),
                    "x-max-tokens-applied": str(admitted.max_tokens)}
         plan = RequestPlan(cls=cls, pool=pool.route.name, max_tokens=admitted.max_tokens, budgets=budgets, stream=bool(getattr(body, "stream", False)),
-                           headers=headers)
+                           headers=headers, prompt_tokens=prompt_tokens)
         return body.model_copy(update=updates), plan
 
 
-def _problem_response(problem: RequestProblem) -> JSONResponse:
+def _problem_response(problem: RequestProblem, reason: str | None) -> JSONResponse:
+    """The 4xx that answers ``problem``; counted (metrics) under ``reason`` unless already counted."""
+    if reason is not None:
+        metrics.refused_at_door(problem.status, reason)
     return openai_error(problem.status, problem.message, param=problem.param)
+
+
+def _counted(problem: RequestProblem, reason: str) -> RequestProblem:
+    metrics.refused_at_door(problem.status, reason)
+    return problem
 
 
 def router_ingress_class(max_request_bytes: int) -> type:

@@ -21,6 +21,7 @@ import json
 import re
 from typing import Any, Iterator
 
+from deployments.observability import metrics
 from deployments.router.errors import openai_error
 
 JSON = b"application/json"
@@ -119,14 +120,17 @@ class JsonBody:
         headers = list(scope.get("headers") or [])
         body = await _read_body(receive, self.max_bytes)
         if body is None:
+            metrics.refused_at_door(413, "body_too_large")
             return await openai_error(413, f"request body is larger than {self.max_bytes} bytes")(scope, receive, send)
         if not declares_json(dict(headers).get(b"content-type")):
             problem = json_problem(body)
             if problem is not None:
+                metrics.refused_at_door(400, "invalid_json")
                 return await openai_error(400, problem)(scope, receive, send)
             headers = as_json_request(headers)
         strict = strict_json_problem(body)
         if strict is not None:
+            metrics.refused_at_door(400, "strict_json")
             return await openai_error(400, strict[0], param=strict[1])(scope, receive, send)
         await self.app({**scope, "headers": headers}, _replay(body, receive), send)
 

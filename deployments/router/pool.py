@@ -20,6 +20,7 @@ import logging
 import time
 from typing import Any
 
+from deployments.observability import metrics
 from deployments.router.circuit_breaker import CircuitBreaker
 from deployments.router.forecast import ServiceMeter, WaitForecast, forecast_wait
 from deployments.router.pools import PoolRoute
@@ -172,7 +173,18 @@ class PoolState:
             except Exception:  # never let the watch die; the next round tries again
                 logger.warning("pool %s: watch round failed", self.route.name, exc_info=True)
             finally:
+                self.export_metrics()
                 await asyncio.sleep(POLL_S)
+
+    def export_metrics(self) -> None:
+        """This pool's gauges (queue depth and in-flight per class, window, circuit, readiness, replicas)."""
+        try:
+            metrics.pool_state(self.route.name, depths=self.scheduler.depths(),
+                               running={cls.label: self.scheduler.running(cls) for cls in PriorityClass},
+                               window=self.scheduler.window, circuit=self.circuit.state.value, ready=self.ready,
+                               replicas=self.scheduler.replicas)
+        except Exception:  # metrics are best effort
+            logger.debug("pool %s: could not export metrics", self.route.name, exc_info=True)
 
     async def _warm_up(self) -> None:
         error = await self.probe()

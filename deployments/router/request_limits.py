@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from deployments.observability import metrics
 from deployments.router.errors import openai_error
 
 
@@ -19,6 +20,7 @@ class BodySizeLimit:
         if scope["type"] == "http":
             declared = dict(scope.get("headers") or []).get(b"content-length", b"")
             if declared.isdigit() and int(declared) > self.max_bytes:
+                metrics.refused_at_door(413, "body_too_large")
                 response = openai_error(413, f"request body is larger than {self.max_bytes} bytes")
                 return await response(scope, receive, send)
         return await self.app(scope, receive, send)

@@ -25,6 +25,7 @@ import time
 from ray.serve.llm.deployment import LLMServer
 
 from deployments.autoscaling.gpu import GpuGroupReading, device_uuids, read_group
+from deployments.observability import metrics
 from deployments.server.engine_load import current_load
 from deployments.server.worker_extension import GPU_UUID_RPC, SEEDED_SAMPLING_RPC, extension_kwargs
 from deployments.warm_up import one_token_request
@@ -105,12 +106,18 @@ class ObservedLLMServer(LLMServer):
         return group
 
     async def _watch_gpu(self, group: list[str]) -> None:
+        pool, replica = _metric_identity()
         while True:
             try:
                 self._gpu_reading = await asyncio.to_thread(read_group, group)
             except Exception:  # a reading must never take the replica down
                 logger.warning("GPU reading failed", exc_info=True)
                 self._gpu_reading = None
+            reading = self._gpu_reading
+            if reading is not None:  # gauges only from real readings: absent without GPUs, never zero
+                metrics.gpu_group(pool, replica, utilization=reading.utilization,
+                                  memory_used_bytes=reading.memory_used_bytes,
+                                  memory_total_bytes=reading.memory_total_bytes)
             await asyncio.sleep(GPU_POLL_S)
 
     async def engine_load(self) -> dict:
@@ -127,3 +134,16 @@ class ObservedLLMServer(LLMServer):
         client = getattr(self.engine, "_engine_client", None)
         processor = getattr(client, "output_processor", None)
         return processor.get_num_unfinished_requests() if processor is not None else None
+
+
+def _metric_identity() -> tuple[str, str]:
+    """(pool, replica id) labels for this replica's GPU gauges."""
+    try:
+        from ray import serve
+
+        from deployments.config.names import pool_of_deployment
+
+        context = serve.get_replica_context()
+        return pool_of_deployment(context.deployment) or context.deployment, context.replica_id.unique_id
+    except Exception:
+        return metrics.NONE, metrics.NONE

@@ -1,0 +1,57 @@
+"""The metrics module without Ray running: bounded labels, and recording never raises."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from deployments.observability import metrics
+from deployments.router.dispatch import _usage_tokens
+
+ROUTER = Path(__file__).resolve().parents[1] / "deployments" / "router"
+
+
+def test_every_reason_the_router_records_is_in_the_fixed_set():
+    found = set()
+    for path in ROUTER.glob("*.py"):
+        text = path.read_text()
+        found |= set(re.findall(r'reason="([a-z_]+)"', text))
+        found |= set(re.findall(r'refused_at_door\(\d+, "([a-z_]+)"\)', text))
+        found |= set(re.findall(r'_(?:counted|problem_response)\(\w+, "([a-z_]+)"\)', text))
+        found |= set(re.findall(r'status, reason = \w+, "([a-z_]+)"', text))
+    assert found, "no reasons found: the pattern above no longer matches the router's calls"
+    assert found <= metrics.REASONS, found - metrics.REASONS
+
+
+def test_outcomes_are_bounded():
+    assert metrics.outcome_of(200) == "200"
+    assert metrics.outcome_of(429) == "429"
+    assert metrics.outcome_of(418) == "4xx"
+    assert metrics.outcome_of(502) == "5xx"
+    assert metrics._reason("some free text from an engine") == "engine_error"
+
+
+def test_exported_names_follow_rays_convention():
+    assert metrics.exported(metrics.REQUESTS) == "ray_llm_router_requests_total"
+    assert metrics.exported(metrics.QUEUE_DEPTH) == "ray_llm_router_queue_depth"
+
+
+def test_recording_never_raises(monkeypatch):
+    def broken(name):
+        raise RuntimeError("metrics backend down")
+
+    monkeypatch.setattr(metrics, "_metric", broken)
+    metrics.request_finished("main", "high", 200, "ok")
+    metrics.refused_at_door(400, "schema")
+    metrics.engine_work("main", "high", prompt_tokens=3, output_tokens=4, served=True, ttft_s=0.1, tpot_s=0.01,
+                        e2e_s=0.2, within_slo=True)
+    metrics.pool_state("main", depths={"high": 1}, running={"high": 0}, window=4, circuit="open", ready=True,
+                       replicas=1)
+    metrics.autoscaling_decision("d", "main", current=1, target=2, signal="queue")
+    metrics.gpu_group("main", "r", utilization=0.5, memory_used_bytes=1, memory_total_bytes=2)
+
+
+def test_usage_tokens_from_a_body_or_a_stream_event():
+    assert _usage_tokens(b'{"usage": {"prompt_tokens": 9, "completion_tokens": 12, "total_tokens": 21}}') == 12
+    assert _usage_tokens('data: {"choices": [], "usage": {"completion_tokens":7}}\n\ndata: [DONE]\n\n') == 7
+    assert _usage_tokens('data: {"choices": [{"delta": {"content": "x"}}]}\n\n') is None
