@@ -98,16 +98,21 @@ class Numbers:
         self.overload_b = c1["B_single_stream"]["e2e_tok_s"]
 
 
+def _per_profile():
+    """(name, profile, group settings, tensor parallel, bytes read per decode step per GPU, 1-stream
+    decode ceiling on a 4090D in tok/s) for each shipped 4090D profile."""
+    for name, profile in gpu_profiles().items():
+        s = group_settings(profile)
+        step = decode_bytes_per_step(QWEN25_7B, s.weight_precision, s.tensor_parallel)
+        yield name, profile, s, s.tensor_parallel, step, cost.decode_ceiling_tok_s(step, cost.RTX_4090D_BANDWIDTH_GBS)
+
+
 def _profile_rows(n: Numbers) -> list[str]:
     out = ["| profile | GPUs | measured? | 1 stream, tok/s (4090D) | share of the decode ceiling "
            "| output tok/s per GPU, 256 concurrent (4090D) | $ per M output tokens, 256 concurrent "
            "| $ per M output tokens, 1 stream |",
            "|---|---|---|---|---|---|---|---|"]
-    for name, profile in gpu_profiles().items():
-        s = group_settings(profile)
-        step = decode_bytes_per_step(QWEN25_7B, s.weight_precision, s.tensor_parallel)
-        ceiling = cost.decode_ceiling_tok_s(step, cost.RTX_4090D_BANDWIDTH_GBS)
-        tp = s.tensor_parallel
+    for name, profile, s, tp, step, ceiling in _per_profile():
         if name == MEASURED_PROFILE:
             _, _, _, s1_app, _, s1_est = n.by_phase["s1"]
             _, _, _, _, _, n256_est = n.by_phase["n256"]
@@ -149,11 +154,7 @@ def _ceiling_rows() -> list[str]:
            "4090D tok/s | per GPU | 8 streams at 4K context, ceiling tok/s | KV tokens per GPU (planner) "
            "| sequences at 4K (planner) |",
            "|---|---|---|---|---|---|---|---|"]
-    for name, profile in gpu_profiles().items():
-        s = group_settings(profile)
-        tp = s.tensor_parallel
-        step = decode_bytes_per_step(QWEN25_7B, s.weight_precision, tp)
-        ceiling = cost.decode_ceiling_tok_s(step, cost.RTX_4090D_BANDWIDTH_GBS)
+    for name, profile, s, tp, step, ceiling in _per_profile():
         kv = kv_bytes_per_token(QWEN25_7B, s)
         b8 = cost.batch_decode_ceiling_tok_s(step, kv, SEED_BATCH, SEED_CONTEXT, cost.RTX_4090D_BANDWIDTH_GBS)
         p = plan(QWEN25_7B, s)
