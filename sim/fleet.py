@@ -16,7 +16,9 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict
 
-CLASSES = ("high", "medium", "low")
+from deployments.config.names import PRIORITY_CLASSES
+
+CLASSES = PRIORITY_CLASSES
 
 
 class ReplicaModel(BaseModel):

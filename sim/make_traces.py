@@ -12,16 +12,18 @@ import random
 import sys
 from pathlib import Path
 
+from deployments.config.names import HIGH, HIGH_BELOW_TOKENS, LOW, MEDIUM, MEDIUM_BELOW_TOKENS
+
 
 def request_shape(rng: random.Random) -> tuple[int, int, str]:
     """60% short chat (high), 30% medium context, 10% long documents (low)."""
     roll = rng.random()
     if roll < 0.6:
-        prompt, cls = rng.randint(20, 127), "high"
+        prompt, cls = rng.randint(20, HIGH_BELOW_TOKENS - 1), HIGH
     elif roll < 0.9:
-        prompt, cls = rng.randint(128, 2047), "medium"
+        prompt, cls = rng.randint(HIGH_BELOW_TOKENS, MEDIUM_BELOW_TOKENS - 1), MEDIUM
     else:
-        prompt, cls = rng.randint(2048, 6000), "low"
+        prompt, cls = rng.randint(MEDIUM_BELOW_TOKENS, 6000), LOW
     output = max(8, min(1024, int(rng.lognormvariate(math.log(120), 0.6))))
     return prompt, output, cls
 

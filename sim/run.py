@@ -21,11 +21,12 @@ import yaml
 
 from deployments.autoscaling.decision import AutoscalingConfig, FleetSignals, mean_of_reported
 from deployments.config.app_args import load_serve_config
+from deployments.config.names import HIGH, LOW, MEDIUM
 from sim.fleet import CLASSES, Fleet, ReplicaModel, Request
 from sim.policies import OursPolicy, Policy, RayDefaultPolicy, StaticPolicy
 
 PROFILES_PATH = Path(__file__).with_name("profiles.yaml")
-DEFAULT_SLO_S = {"high": 2.0, "medium": 5.0, "low": 20.0}
+DEFAULT_SLO_S = {HIGH: 2.0, MEDIUM: 5.0, LOW: 20.0}
 
 
 def load_trace(path: Path) -> list[Request]:

@@ -22,8 +22,10 @@ from typing import Any, Dict, Tuple
 from deployments.autoscaling.decision import (
     AutoscalingConfig, FleetSignals, HysteresisState, decide, mean_of_reported,
 )
-from deployments.autoscaling.signals import LLM_METRICS, ROUTER_QUEUED, router_queued_metric
-from deployments.config.names import pool_of_deployment
+from deployments.config.names import (
+    ENGINE_RUNNING, ENGINE_WAITING, GPU_UTILIZATION, KV_CACHE_USAGE, LLM_METRICS, ROUTER_QUEUED, is_llm_deployment,
+    pool_of_deployment, router_queued_metric,
+)
 from deployments.observability import metrics
 
 logger = logging.getLogger("ray.serve")
@@ -42,11 +44,11 @@ def signals_from(llm_ctx, router_queued: float) -> FleetSignals:
         # Replicas asked for, starting ones included: capacity already on its way.
         replicas=llm_ctx.target_num_replicas,
         starting=max(0, llm_ctx.target_num_replicas - llm_ctx.current_num_replicas),
-        engine_waiting=_summed(llm_ctx, "engine_waiting"),
-        engine_running=_summed(llm_ctx, "engine_running"),
+        engine_waiting=_summed(llm_ctx, ENGINE_WAITING),
+        engine_running=_summed(llm_ctx, ENGINE_RUNNING),
         router_queued=router_queued,
-        kv_cache_usage=_mean(llm_ctx, "kv_cache_usage"),
-        gpu_utilization=_mean(llm_ctx, "gpu_utilization"),
+        kv_cache_usage=_mean(llm_ctx, KV_CACHE_USAGE),
+        gpu_utilization=_mean(llm_ctx, GPU_UTILIZATION),
     )
 
 
@@ -100,4 +102,4 @@ def _queued_for(deployment_name: str, routers) -> float:
 
 
 def _is_llm(ctx) -> bool:
-    return any(name in (ctx.aggregated_metrics or {}) for name in LLM_METRICS) or "LLMServer:" in ctx.deployment_name
+    return any(name in (ctx.aggregated_metrics or {}) for name in LLM_METRICS) or is_llm_deployment(ctx.deployment_name)

@@ -21,10 +21,11 @@ from typing import Dict, List, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from deployments.config.names import PRIORITY_CLASSES
 from deployments.config.profiles import Profile
 
-ClassName = Literal["high", "medium", "low"]
-ALL_CLASSES: tuple[ClassName, ...] = ("high", "medium", "low")
+ClassName = Literal[PRIORITY_CLASSES]  # type: ignore[valid-type]
+ALL_CLASSES: tuple[ClassName, ...] = PRIORITY_CLASSES
 SINGLE_POOL = "main"  # the pool's name when `args.profile` names one profile
 DNS_LABEL = r"[a-z0-9]([a-z0-9-]*[a-z0-9])?"  # pool and node-pool names end up in k8s names and labels
 

@@ -25,7 +25,7 @@ from ray import serve
 from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
 from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard
 
-from deployments.autoscaling.signals import ROUTER_QUEUED, router_queued_metric
+from deployments.config.names import ROUTER_QUEUED, router_queued_metric
 from deployments.observability import metrics
 from deployments.router.admission import admit
 from deployments.router.budgets import TIMEOUT_HEADER, decide_budgets

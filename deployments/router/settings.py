@@ -14,6 +14,8 @@ from typing import Dict, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from deployments.config.names import HIGH, HIGH_BELOW_TOKENS, LOW, MEDIUM, MEDIUM_BELOW_TOKENS, PRIORITY_CLASSES
+
 
 class PriorityClass(IntEnum):
     """Lower value = more urgent; the value is also vLLM's request `priority`."""
@@ -24,11 +26,15 @@ class PriorityClass(IntEnum):
 
     @property
     def label(self) -> str:
-        return self.name.lower()
+        return PRIORITY_CLASSES[self.value]
 
     @classmethod
     def parse(cls, text: str) -> "PriorityClass":
-        return cls[text.strip().upper()]
+        """The class a label names; KeyError if none."""
+        label = text.strip().lower()
+        if label not in PRIORITY_CLASSES:
+            raise KeyError(text)
+        return cls(PRIORITY_CLASSES.index(label))
 
 
 class _Strict(BaseModel):
@@ -36,12 +42,12 @@ class _Strict(BaseModel):
 
 
 def _per_class(high, medium, low):
-    return Field(default_factory=lambda: {"high": high, "medium": medium, "low": low})
+    return Field(default_factory=lambda: {HIGH: high, MEDIUM: medium, LOW: low})
 
 
 class ClassificationSettings(_Strict):
-    high_below_tokens: int = Field(128, gt=0, description="prompts shorter than this are high")
-    medium_below_tokens: int = Field(2048, gt=0, description="else shorter than this are medium; rest low")
+    high_below_tokens: int = Field(HIGH_BELOW_TOKENS, gt=0, description="prompts shorter than this are high")
+    medium_below_tokens: int = Field(MEDIUM_BELOW_TOKENS, gt=0, description="else shorter than this are medium; rest low")
     allow_priority_upgrade: bool = Field(
         False, description="may X-Priority ask for a higher class than the prompt length gives"
     )
@@ -114,8 +120,8 @@ class WindowSettings(_Strict):
 
 class QueueSettings(_Strict):
     classes: Dict[str, ClassTargets] = Field(
-        default_factory=lambda: {"high": _targets(1.0, 0.05, 30.0), "medium": _targets(3.0, 0.05, 30.0),
-                                 "low": _targets(60.0, 0.05, 600.0)},
+        default_factory=lambda: {HIGH: _targets(1.0, 0.05, 30.0), MEDIUM: _targets(3.0, 0.05, 30.0),
+                                 LOW: _targets(60.0, 0.05, 600.0)},
         description="per class: SLO (ttft_s, tpot_s) and start deadline",
         validate_default=True,
     )
@@ -124,11 +130,11 @@ class QueueSettings(_Strict):
     window: WindowSettings = Field(default_factory=WindowSettings)
     reserved_for_high: float = Field(0.25, ge=0, lt=1, description="share of the window only high may use")
     max_in_flight_per_class: Dict[str, int] = Field(
-        default_factory=lambda: {"low": 2},
+        default_factory=lambda: {LOW: 2},
         description="cap per class inside the window, per running LLM replica: long prompts steal "
                     "every engine step's compute",
     )
-    yield_to_high: Dict[Literal["medium", "low"], int] = Field(
+    yield_to_high: Dict[Literal[MEDIUM, LOW], int] = Field(
         default_factory=dict,
         description="class: it starts only while fewer high requests than this (per LLM replica) run or "
                     "wait; 1 = only in the gaps between high requests",

@@ -25,6 +25,7 @@ import time
 from ray.serve.llm.deployment import LLMServer
 
 from deployments.autoscaling.gpu import GpuGroupReading, device_uuids, read_group
+from deployments.config.names import ENGINE_RUNNING, ENGINE_WAITING, GPU_UTILIZATION, KV_CACHE_USAGE, pool_of_deployment
 from deployments.observability import metrics
 from deployments.server.engine_load import current_load
 from deployments.server.worker_extension import GPU_UUID_RPC, SEEDED_SAMPLING_RPC, extension_kwargs
@@ -87,9 +88,9 @@ class ObservedLLMServer(LLMServer):
     async def record_autoscaling_stats(self) -> dict:
         """Serve's custom autoscaling metrics for this replica (see deployments/autoscaling)."""
         load = current_load()
-        stats = {"engine_waiting": load.waiting, "engine_running": load.running, "kv_cache_usage": load.kv_cache_usage}
+        stats = {ENGINE_WAITING: load.waiting, ENGINE_RUNNING: load.running, KV_CACHE_USAGE: load.kv_cache_usage}
         if self._gpu_reading is not None:
-            stats["gpu_utilization"] = self._gpu_reading.utilization
+            stats[GPU_UTILIZATION] = self._gpu_reading.utilization
         return stats
 
     async def _gpu_group(self) -> list[str]:
@@ -140,8 +141,6 @@ def _metric_identity() -> tuple[str, str]:
     """(pool, replica id) labels for this replica's GPU gauges."""
     try:
         from ray import serve
-
-        from deployments.config.names import pool_of_deployment
 
         context = serve.get_replica_context()
         return pool_of_deployment(context.deployment) or context.deployment, context.replica_id.unique_id
