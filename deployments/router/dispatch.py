@@ -38,6 +38,7 @@ from starlette.responses import Response, StreamingResponse
 from ray.llm._internal.serve.core.configs.openai_api_models import OpenAIHTTPException
 
 from deployments.observability import metrics
+from deployments.observability.tracing import RequestTrace
 from deployments.router.budgets import Budgets
 from deployments.router.cancellation import CallTracker
 from deployments.router.errors import openai_error, sse_error_event
@@ -58,6 +59,7 @@ class RequestPlan:
     stream: bool
     headers: dict[str, str] = field(default_factory=dict)
     prompt_tokens: int = 0
+    trace: RequestTrace = field(default_factory=RequestTrace.disabled)
 
 
 def engine_error_in(chunk: str) -> tuple[int, str] | None:
@@ -135,6 +137,7 @@ class RequestLife:
             self._record(status, reason, output_tokens)
         except Exception:  # metrics must never fail a request
             metrics.logger.debug("could not record a request's metrics", exc_info=True)
+        self.plan.trace.finish(status, reason, **{"llm.output_tokens": output_tokens})
 
     def _record(self, status: int, reason: str, output_tokens: int | None) -> None:
         pool, cls = self.plan.pool, self.plan.cls.label
@@ -160,12 +163,24 @@ class RequestLife:
                             within_slo=within, wasted_reason=None if served else reason)
 
     async def run(self, call: Callable[[], Awaitable[Response]]) -> Response:
+        try:
+            return await self._run(call)
+        except BaseException:  # the client went away (in the queue or the call); nothing else raises here
+            self._finished(499, "client_gone")  # a no-op where already settled
+            raise
+
+    async def _run(self, call: Callable[[], Awaitable[Response]]) -> Response:
+        trace = self.plan.trace
+        trace.begin("router.admission")
         refused = self._refusal()
         if refused is not None:
             return refused
+        trace.end("router.admission")
+        trace.begin("router.queue")
         waited = await self._acquire()
         if isinstance(waited, Response):
             return waited
+        trace.end("router.queue", **{"llm.queue_wait_s": waited})
         self.plan.headers["x-queue-wait-ms"] = f"{waited * 1000:.0f}"
         metrics.queue_waited(self.plan.pool, self.plan.cls.label, waited)
         self._started_at = self._clock()
@@ -222,6 +237,7 @@ class RequestLife:
         # A stream's call returns at its first token; a whole response only at its end.
         deadline = budgets.start_by if self.plan.stream else budgets.finish_by(budgets.start_by)
         calls = CallTracker()
+        self.plan.trace.begin("router.replica_call")
         try:
             async with asyncio.timeout(max(0.0, deadline - self._clock())):
                 response = await call()
@@ -257,6 +273,9 @@ class RequestLife:
         if isinstance(response, StreamingResponse):
             slot.first_token()  # a stream's call returns at its first token
             self._first_token_at = self._clock()
+            self.plan.trace.end("router.replica_call")
+            self.plan.trace.event("first_token")
+            self.plan.trace.begin("router.stream")
             response.body_iterator = self._guard_stream(response.body_iterator, slot, calls)
         else:
             slot.release()

@@ -27,6 +27,7 @@ from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard
 
 from deployments.config.names import ROUTER_QUEUED, router_queued_metric
 from deployments.observability import metrics
+from deployments.observability.tracing import RequestTrace
 from deployments.router.admission import admit
 from deployments.router.budgets import TIMEOUT_HEADER, decide_budgets
 from deployments.router.cancellation import TrackingHandle
@@ -147,16 +148,24 @@ class Router(OpenAiIngress):
         arrived_at = time.monotonic()
         self._start_background()
         await self._get_model_id(body.model)  # unknown model: 404 before any work
+        trace = RequestTrace.start(request.headers, call_method)
+        trace.begin("router.plan")
         id_fields = {name: getattr(body, name, None) for name in ("prompt", "logit_bias", *TOKEN_ID_FIELDS)}
         problem = check_token_ids(id_fields, self._tokens.vocab_size)
         if problem is not None:
+            trace.finish(problem.status, "invalid_token_ids")
             return _problem_response(problem, "invalid_token_ids")
         # Tokenising a 1 MB prompt takes a while; keep the event loop free.
         prompt_tokens = await asyncio.to_thread(count_tokens)
         planned = self._plan(body, request, prompt_tokens, arrived_at)
         if isinstance(planned, RequestProblem):
+            trace.finish(planned.status, "invalid_request", **{"llm.prompt_tokens": prompt_tokens})
             return _problem_response(planned, None)  # counted where _plan found it
         body, plan = planned
+        trace.end("router.plan")
+        trace.set(**{"llm.class": plan.cls.label, "llm.pool": plan.pool, "llm.prompt_tokens": prompt_tokens,
+                     "llm.max_tokens": plan.max_tokens, "llm.stream": plan.stream})
+        plan.trace = trace
         _CHOSEN_POOL.set(plan.pool)
         return await RequestLife(plan, self._pools[plan.pool]).run(
             lambda: self._process_llm_request(body, call_method=call_method, raw_request=request))

@@ -1,0 +1,161 @@
+"""OpenTelemetry spans for one request through the router.
+
+The tree (all children of ``llm.request``, a SERVER span that continues a client's W3C
+``traceparent``)::
+
+    llm.request            class, pool, prompt tokens, max tokens, stream, outcome, reason, tokens
+      router.plan          tokens counted, class, pool, admission, budgets (ingress)
+      router.admission     loading / circuit / predicted wait (dispatch)
+      router.queue         waiting for a window slot
+      router.replica_call  the Serve handle call to the LLM replica, until its first token (a
+                           stream) or its whole answer; event ``first_token``
+      router.stream        a stream after its first token, until its end
+
+Configured only by the standard ``OTEL_*`` variables, read when the first span starts: with
+``OTEL_EXPORTER_OTLP_ENDPOINT`` (or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``) set, spans go to an
+OTLP exporter (``OTEL_EXPORTER_OTLP_PROTOCOL``: ``http/protobuf``, the default, or ``grpc``) in a
+batch processor; ``OTEL_TRACES_EXPORTER=none`` or ``OTEL_SDK_DISABLED=true`` turn it off. With none
+set, the API's no-op tracer answers: a span is a shared non-recording object and costs next to
+nothing. Tracing never fails a request: every entry point is wrapped.
+
+The replica call is a span of the router's; the span context is not carried into the LLM replica
+(Ray Serve's handle calls do not propagate it without Ray's own tracing hook).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Mapping, Optional
+
+from opentelemetry import propagate, trace
+from opentelemetry.trace import NonRecordingSpan, SpanKind, Status, StatusCode
+
+logger = logging.getLogger("ray.serve")
+
+_tracer: Optional[trace.Tracer] = None
+_provider_override = None  # tests: an SDK TracerProvider with an in-memory exporter
+_NOOP_SPAN = NonRecordingSpan(trace.INVALID_SPAN_CONTEXT)
+
+
+def use_provider(provider) -> None:
+    """Send the router's spans to ``provider`` (tests); None returns to the environment's."""
+    global _tracer, _provider_override
+    _provider_override, _tracer = provider, None
+
+
+def _configure_from_env() -> None:
+    env = os.environ
+    if env.get("OTEL_SDK_DISABLED", "").lower() == "true" or env.get("OTEL_TRACES_EXPORTER", "").lower() == "none":
+        return
+    if not (env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")):
+        return
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    if isinstance(trace.get_tracer_provider(), TracerProvider):
+        return  # the process configured one already
+    protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf"
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    else:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    resource = Resource.create({"service.name": env.get("OTEL_SERVICE_NAME", "llm-router")})
+    provider = TracerProvider(resource=resource)  # OTEL_RESOURCE_ATTRIBUTES, sampler variables: the SDK reads them
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(provider)
+    logger.info("tracing: OTLP (%s) to %s", protocol,
+                env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+
+
+def tracer() -> trace.Tracer:
+    global _tracer
+    if _tracer is None:
+        if _provider_override is not None:
+            _tracer = _provider_override.get_tracer("llm-serving.router")
+        else:
+            try:
+                _configure_from_env()
+            except Exception:
+                logger.warning("tracing: could not configure from OTEL_* variables; tracing off", exc_info=True)
+            _tracer = trace.get_tracer("llm-serving.router")
+    return _tracer
+
+
+class RequestTrace:
+    """The spans of one request; every method is safe to call in any order, and at most once ends each."""
+
+    def __init__(self, root):
+        self.root = root
+        self._context = trace.set_span_in_context(root)
+        self._open: dict[str, object] = {}
+        self._done = False
+
+    @classmethod
+    def start(cls, headers: Mapping[str, str], endpoint: str) -> "RequestTrace":
+        try:
+            parent = propagate.extract(headers) if "traceparent" in headers else None
+            root = tracer().start_span("llm.request", context=parent, kind=SpanKind.SERVER,
+                                       attributes={"llm.endpoint": endpoint})
+            return cls(root)
+        except Exception:
+            return cls(_NOOP_SPAN)
+
+    @classmethod
+    def disabled(cls) -> "RequestTrace":
+        return cls(_NOOP_SPAN)
+
+    @property
+    def recording(self) -> bool:
+        return self.root.is_recording()
+
+    def begin(self, name: str, **attributes) -> None:
+        if not self.recording:
+            return
+        try:
+            self.end(name)
+            self._open[name] = tracer().start_span(name, context=self._context, attributes=attributes or None)
+        except Exception:
+            pass
+
+    def end(self, name: str, **attributes) -> None:
+        span = self._open.pop(name, None)
+        if span is None:
+            return
+        try:
+            if attributes:
+                span.set_attributes(attributes)
+            span.end()
+        except Exception:
+            pass
+
+    def event(self, name: str) -> None:
+        if self.recording:
+            try:
+                self.root.add_event(name)
+            except Exception:
+                pass
+
+    def set(self, **attributes) -> None:
+        if self.recording:
+            try:
+                self.root.set_attributes({k: v for k, v in attributes.items() if v is not None})
+            except Exception:
+                pass
+
+    def finish(self, status: int, reason: str, **attributes) -> None:
+        """End every open span and the root, with the request's outcome."""
+        if not self.recording or self._done:
+            return
+        self._done = True
+        try:
+            for name in list(self._open):
+                self.end(name)
+            self.set(**{"http.response.status_code": status, "llm.outcome": str(status), "llm.reason": reason},
+                     **attributes)
+            if status >= 500 or status == 504:
+                self.root.set_status(Status(StatusCode.ERROR, reason))
+            self.root.end()
+        except Exception:
+            pass
