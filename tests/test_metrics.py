@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from deployments.observability import metrics
-from deployments.router.dispatch import _usage_tokens
+from deployments.router.dispatch import RequestLife, _usage_tokens
 
 ROUTER = Path(__file__).resolve().parents[1] / "deployments" / "router"
 
@@ -55,3 +55,79 @@ def test_usage_tokens_from_a_body_or_a_stream_event():
     assert _usage_tokens(b'{"usage": {"prompt_tokens": 9, "completion_tokens": 12, "total_tokens": 21}}') == 12
     assert _usage_tokens('data: {"choices": [], "usage": {"completion_tokens":7}}\n\ndata: [DONE]\n\n') == 7
     assert _usage_tokens('data: {"choices": [{"delta": {"content": "x"}}]}\n\n') is None
+
+
+# --- what RequestLife records, against the fake replica of tests/test_dispatch.py -------------------
+
+import asyncio  # noqa: E402
+
+import pytest  # noqa: E402
+from starlette.responses import JSONResponse, StreamingResponse  # noqa: E402
+
+from tests.test_dispatch import make_pool, plan, replica_call, run  # noqa: E402
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    calls = {"finished": [], "work": []}
+    monkeypatch.setattr(metrics, "request_finished", lambda *a: calls["finished"].append(a))
+    monkeypatch.setattr(metrics, "engine_work", lambda *a, **kw: calls["work"].append((a, kw)))
+    return calls
+
+
+def test_a_served_answer_is_recorded_once_with_its_tokens(recorded):
+    pool = make_pool()
+
+    async def call():
+        replica_call(pool)
+        return JSONResponse({"usage": {"prompt_tokens": 5, "completion_tokens": 4}})
+
+    p = plan(pool)
+    p.prompt_tokens = 5
+    assert run(RequestLife(p, pool).run(call)).status_code == 200
+    assert recorded["finished"] == [("main", "high", 200, "ok")]
+    (args, kw), = recorded["work"]
+    assert kw["served"] and kw["output_tokens"] == 4 and kw["prompt_tokens"] == 5 and kw["ttft_s"] is None
+
+
+def test_a_refusal_spends_no_engine_work(recorded):
+    pool = make_pool(ready=False)
+
+    async def never():
+        raise AssertionError
+
+    run(RequestLife(plan(pool), pool).run(never))
+    assert recorded["finished"] == [("main", "high", 503, "loading")] and recorded["work"] == []
+
+
+def test_a_stream_counts_its_events_and_times_its_first_token(recorded):
+    pool = make_pool()
+
+    async def chunks():
+        yield 'data: {"choices":[{"delta":{"role":"assistant","content":""}}]}\n\n'
+        yield 'data: {"choices":[{"delta":{"content":"a"}}]}\n\ndata: {"choices":[{"delta":{"content":"b"}}]}\n\n'
+        yield "data: [DONE]\n\n"
+
+    async def call():
+        replica_call(pool)
+        return StreamingResponse(chunks(), media_type="text/event-stream")
+
+    async def scenario():
+        response = await RequestLife(plan(pool, stream=True), pool).run(call)
+        return [c async for c in response.body_iterator]
+
+    run(scenario())
+    assert recorded["finished"] == [("main", "high", 200, "ok")]
+    (args, kw), = recorded["work"]
+    assert kw["output_tokens"] == 2 and kw["ttft_s"] is not None and kw["tpot_s"] is not None
+
+
+def test_a_timed_out_answer_is_a_504_with_its_reason(recorded):
+    pool = make_pool()
+
+    async def slow():
+        replica_call(pool)
+        await asyncio.sleep(5)
+
+    assert run(RequestLife(plan(pool, timeout="1"), pool).run(slow)).status_code == 504
+    assert recorded["finished"] == [("main", "high", 504, "client_timeout")]
