@@ -76,8 +76,9 @@ def test_every_generated_rayservice_is_there():
 def test_manifest_is_valid(name, doc):
     if doc["kind"] in CRDS:
         validate(doc)
-    else:  # e.g. the PodMonitor: no CRD at hand; check it is a well-formed object
-        assert {"apiVersion", "kind", "metadata", "spec"} <= doc.keys(), name
+    else:  # e.g. the PodMonitor, a ConfigMap: no CRD at hand; check it is a well-formed object
+        assert {"apiVersion", "kind", "metadata"} <= doc.keys() and doc["metadata"].get("name"), name
+        assert {"spec", "data", "stringData"} & doc.keys(), name
 
 
 @pytest.mark.parametrize("breakage", ["min_replicas_text", "no_head_template", "unknown_field_type"])
@@ -118,14 +119,81 @@ def test_serve_config_v2_passes_rays_schema_and_selects_gpus(name):
     assert all(pool.profile.llm_config["accelerator_config"]["kind"] == "gpu" for pool in args.pools)
 
 
+def cluster_only_settings(name: str) -> dict:
+    """What serveConfigV2 sets beyond serve_config.yaml: {path: value}."""
+    args = AppArgs.model_validate(embedded_serve_config(name)["applications"][0]["args"])
+    served = {args.profile} if args.profile else {p.profile for p in args.layouts[args.layout].pools.values()}
+    graceful = longest_stream_s(embedded_serve_config(name))
+    app = ("applications", 0, "args")
+    settings = {("http_options", "host"): "0.0.0.0",
+                (*app, "router", "deployment", "graceful_shutdown_timeout_s"): graceful}
+    for profile in served:
+        settings[(*app, "profiles", profile, "llm_config", "deployment_config", "graceful_shutdown_timeout_s")] = \
+            graceful
+    return settings
+
+
+def set_path(config: dict, path: tuple, value) -> None:
+    *parents, leaf = path
+    for key in parents:
+        config = config[key] if isinstance(key, int) else config.setdefault(key, {})
+    config[leaf] = value
+
+
 @pytest.mark.parametrize("name", sorted(load_generator().MANIFESTS))
-def test_serve_config_v2_is_serve_config_yaml_but_for_selection_and_host(name):
+def test_serve_config_v2_is_serve_config_yaml_but_for_selection_and_cluster_settings(name):
     local = load_serve_config()
-    local["http_options"]["host"] = "0.0.0.0"
     args = local["applications"][0]["args"]
     args.pop("profile", None)
-    args.update(load_generator().MANIFESTS[name][1])
+    local["applications"][0]["args"] = {**load_generator().MANIFESTS[name][1], **args}
+    for path, value in cluster_only_settings(name).items():
+        set_path(local, path, value)
     assert embedded_serve_config(name) == local
+
+
+def longest_stream_s(serve_config: dict) -> int:
+    """Independently of generate.py: per served class, start deadline + slack x max_tokens cap x TPOT SLO
+    + stall timeout (the router's budgets, deployments/router/budgets.py), the largest, rounded up."""
+    args = AppArgs.model_validate(serve_config["applications"][0]["args"])
+    cap = args.router.admission.max_tokens_cap
+    longest = 0.0
+    for pool in args.pools:
+        queues = args.queue_settings(pool.profile)
+        for cls in pool.classes or list(queues.classes):
+            t = queues.classes[cls]
+            longest = max(longest, t.start_deadline_s + queues.generation_slack * cap * t.tpot_s + queues.stall_s)
+    return int(-(-longest // 1))
+
+
+@pytest.mark.parametrize("name", sorted(load_generator().MANIFESTS))
+def test_shutdown_and_upgrade_settings_follow_the_longest_stream(name):
+    service = rayservices()[name]
+    spec, cluster = service["spec"], service["spec"]["rayClusterConfig"]
+    stream = longest_stream_s(embedded_serve_config(name))
+    assert stream > 60  # a 2,048-token answer at 50 ms/token alone is 102 s: Serve's 20 s default cuts it
+    args = AppArgs.model_validate(embedded_serve_config(name)["applications"][0]["args"])
+    for pool in args.pools:  # every LLM deployment, as the app builds it, and the router
+        assert pool.llm_config_fields()["deployment_config"]["graceful_shutdown_timeout_s"] == stream
+    assert args.router_deployment["graceful_shutdown_timeout_s"] == stream
+    # The pod outlives the drain, which outlives Serve's graceful shutdown.
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        assert group["template"]["spec"]["terminationGracePeriodSeconds"] > stream
+    for group in cluster["workerGroupSpecs"]:
+        grace = group["template"]["spec"]["terminationGracePeriodSeconds"]
+        [container] = group["template"]["spec"]["containers"]
+        pre_stop = " ".join(container["lifecycle"]["preStop"]["exec"]["command"])
+        drain = int(pre_stop.split("--deadline-remaining-seconds ")[1].split()[0])
+        assert stream < drain < grace and "ray drain-node" in pre_stop
+    # An upgrade's old cluster is deleted only after its longest stream could have ended.
+    assert spec["rayClusterDeletionDelaySeconds"] > stream
+    upgrade = spec["upgradeStrategy"]
+    assert upgrade["type"] == load_generator().MANIFESTS[name][2]
+    if upgrade["type"] == "NewClusterWithIncrementalUpgrade":  # KubeRay's ValidateClusterUpgradeOptions
+        options = upgrade["clusterUpgradeOptions"]
+        assert cluster["enableInTreeAutoscaling"] and options["gatewayClassName"]
+        assert 0 < options["stepSizePercent"] <= options["maxSurgePercent"] <= 100 and options["intervalSeconds"] > 0
+    else:
+        assert upgrade == {"type": "None"}
 
 
 def check_worker_group(worker: dict, resources: dict, node_pool: str | None) -> None:
