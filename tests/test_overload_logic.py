@@ -120,6 +120,10 @@ def test_one_look_just_over_the_slo_is_confirmed_before_a_cut_but_one_clearly_ov
     assert window.per_replica == 8
     # clearly over (past SLO / grow_below = 62.5 ms): cut on the first look
     assert window.observe(busy(0.07, in_use=8)).move is WindowMove.SHRINK and window.per_replica == 6
+    # while a long prompt is prefilled and no measured line vouches for the batch, no second look
+    prefill = AdaptiveWindow(WindowSettings(initial=8), SLO)
+    sample = EngineSample(tpot_s=0.052, kv_cache_usage=0.3, in_use=8, queued=5, window_bound=True, prefilling=True)
+    assert prefill.observe(sample).move is WindowMove.SHRINK
 
 
 def test_window_holds_when_not_full_or_near_the_slo():
