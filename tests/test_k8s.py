@@ -98,7 +98,8 @@ def test_a_broken_manifest_fails(name, breakage):
 
 def test_generated_files_are_current():
     generator = load_generator()
-    for filename in generator.MANIFESTS:
+    assert set(generator.MANIFESTS) < set(generator.GENERATED)
+    for filename in generator.GENERATED:
         assert (ROOT / "k8s" / filename).read_text() == generator.render(filename), \
             f"k8s/{filename} is stale: run python k8s/generate.py"
 
@@ -125,8 +126,14 @@ def cluster_only_settings(name: str) -> dict:
     served = {args.profile} if args.profile else {p.profile for p in args.layouts[args.layout].pools.values()}
     graceful = longest_stream_s(embedded_serve_config(name))
     app = ("applications", 0, "args")
+    routers = args.router_deployment.get("autoscaling_config", {}).get("max_replicas", 1)
     settings = {("http_options", "host"): "0.0.0.0",
-                (*app, "router", "deployment", "graceful_shutdown_timeout_s"): graceful}
+                (*app, "router", "deployment", "graceful_shutdown_timeout_s"): graceful,
+                # at least two routers, at most half of them on one node
+                (*app, "router", "deployment", "max_replicas_per_node"): -(-max(routers, 2) // 2)}
+    if routers < 2:
+        settings[(*app, "router", "deployment", "autoscaling_config")] = {
+            **args.router.deployment.get("autoscaling_config", {}), "min_replicas": 2, "max_replicas": 2}
     for profile in served:
         settings[(*app, "profiles", profile, "llm_config", "deployment_config", "graceful_shutdown_timeout_s")] = \
             graceful
@@ -196,6 +203,16 @@ def test_shutdown_and_upgrade_settings_follow_the_longest_stream(name):
         assert upgrade == {"type": "None"}
 
 
+def ray_containers(cluster: dict) -> list[tuple[str, dict, dict]]:
+    """(group name, pod spec, Ray container) of the head and every worker group."""
+    groups = [("head", cluster["headGroupSpec"]), *((g["groupName"], g) for g in cluster["workerGroupSpecs"])]
+    return [(name, g["template"]["spec"], g["template"]["spec"]["containers"][0]) for name, g in groups]
+
+
+def gpu_groups(cluster: dict) -> list[dict]:
+    return [g for g in cluster["workerGroupSpecs"] if g.get("resources")]
+
+
 def check_worker_group(worker: dict, resources: dict, node_pool: str | None) -> None:
     container = worker["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
@@ -206,14 +223,12 @@ def check_worker_group(worker: dict, resources: dict, node_pool: str | None) -> 
     spec = worker["template"]["spec"]
     assert spec["tolerations"] and spec["nodeSelector"]["nvidia.com/gpu.product"]
     assert spec["nodeSelector"].get("llm-serving/node-pool") == node_pool
-    env = {e["name"]: e for e in container["env"]}
-    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"]
-    assert {v["name"] for v in spec["volumes"]} >= {"model-cache"}
+    assert {v["name"] for v in spec["volumes"]} >= {"model-cache", "dshm"}
 
 
 def test_single_profile_cluster_has_one_gpu_worker_group():
     cluster = rayservices()["rayservice.yaml"]["spec"]["rayClusterConfig"]
-    [worker] = cluster["workerGroupSpecs"]
+    [worker] = gpu_groups(cluster)
     check_worker_group(worker, {"gpu_4090d": 4}, None)
     assert (worker["minReplicas"], worker["maxReplicas"]) == (1, 1)  # TP1 × at most 4 replicas: one node
     assert cluster["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"
@@ -222,7 +237,7 @@ def test_single_profile_cluster_has_one_gpu_worker_group():
 
 def test_mixed_layout_cluster_has_a_worker_group_per_node_pool():
     cluster = rayservices()["rayservice-mixed.yaml"]["spec"]["rayClusterConfig"]
-    interactive, long_context = cluster["workerGroupSpecs"]
+    interactive, long_context = gpu_groups(cluster)
     check_worker_group(interactive, {"gpu_4090d": 4, "node_pool_4090d_interactive": 4}, "4090d-interactive")
     check_worker_group(long_context, {"gpu_4090d": 4, "node_pool_4090d_long_context": 4}, "4090d-long-context")
     # TP1: 2..8 replicas = 2..8 GPUs = 1..2 nodes; TP4: 1..2 replicas = 1..2 nodes.
@@ -236,13 +251,130 @@ def test_mixed_layout_cluster_has_a_worker_group_per_node_pool():
             assert {k for k in bundle if k not in ("GPU", "CPU")} <= set(advertised)
 
 
-def test_podmonitor_scrapes_a_port_every_ray_pod_exposes():
-    [monitor] = [doc for _, doc in manifests() if doc["kind"] == "PodMonitor"]
-    # KubeRay labels every Ray pod ray.io/is-ray-node=yes.
-    assert monitor["spec"]["selector"]["matchLabels"] == {"ray.io/is-ray-node": "yes"}
-    ports = {endpoint["port"] for endpoint in monitor["spec"]["podMetricsEndpoints"]}
+def docs_of(filename: str) -> list[dict]:
+    return [doc for name, doc in manifests() if name == filename]
+
+
+def env_of(container: dict) -> dict:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+@pytest.mark.parametrize("name", sorted(load_generator().MANIFESTS))
+def test_head_failures_survived(name):
+    """GCS state in Redis, the head out of the Serve service and free of replicas, routers spread."""
+    generator = load_generator()
+    spec = rayservices()[name]["spec"]
+    cluster = spec["rayClusterConfig"]
+    assert spec["excludeHeadPodFromServeSvc"] is True
+    ft = cluster["gcsFaultToleranceOptions"]
+    [service, statefulset] = docs_of("redis.yaml")
+    assert ft["redisAddress"] == f"{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
+    secret = ft["redisPassword"]["valueFrom"]["secretKeyRef"]
+    redis_env = env_of(statefulset["spec"]["template"]["spec"]["containers"][0])
+    assert redis_env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == secret  # one Secret, by name
+    assert "value" not in ft["redisPassword"]
+    assert service["spec"]["selector"] == statefulset["spec"]["template"]["metadata"]["labels"]
+    # KubeRay refuses these beside gcsFaultToleranceOptions (validation.go, ValidateRayClusterSpec).
+    head = cluster["headGroupSpec"]
+    assert "redis-password" not in head["rayStartParams"]
+    assert not {"REDIS_PASSWORD", "RAY_REDIS_ADDRESS"} & set(env_of(head["template"]["spec"]["containers"][0]))
+    assert head["rayStartParams"]["num-cpus"] == "0"  # no replica, so no stream, on the head
+    # Routers: at least two, at most half on one node, and enough non-head nodes to hold them all.
+    router = embedded_serve_config(name)["applications"][0]["args"]["router"]["deployment"]
+    args = AppArgs.model_validate(embedded_serve_config(name)["applications"][0]["args"])
+    replicas = args.router_deployment["autoscaling_config"]["max_replicas"]
+    assert replicas >= 2 and router["max_replicas_per_node"] <= -(-replicas // 2)
+    [router_group] = [g for g in cluster["workerGroupSpecs"] if g["groupName"] == generator.ROUTER_GROUP]
+    min_nodes = sum(g["minReplicas"] for g in cluster["workerGroupSpecs"])
+    assert router_group["minReplicas"] >= 2 and min_nodes * router["max_replicas_per_node"] >= replicas
+
+
+@pytest.mark.parametrize("name", sorted(load_generator().MANIFESTS))
+def test_ray_pods_read_the_shipped_model_cache_offline_without_a_token(name):
+    generator = load_generator()
+    [claim, job] = docs_of("model-cache.yaml")
+    for group, spec, container in ray_containers(rayservices()[name]["spec"]["rayClusterConfig"]):
+        env = env_of(container)
+        assert "HF_TOKEN" not in env and env["HF_HUB_OFFLINE"]["value"] == "1", group
+        [volume] = [v for v in spec["volumes"] if v["name"] == "model-cache"]
+        assert volume["persistentVolumeClaim"] == {"claimName": claim["metadata"]["name"], "readOnly": True}
+        [mount] = [m for m in container["volumeMounts"] if m["name"] == "model-cache"]
+        assert mount["readOnly"] is True and env["HF_HOME"]["value"].startswith(mount["mountPath"])
+        assert "RAY_AUTH_MODE" not in env, group  # KubeRay sets token mode only where the env lacks it
+    # The Job: the only holder of the token, the only writer, every served model.
+    job_spec = job["spec"]["template"]["spec"]
+    [download] = job_spec["containers"]
+    assert env_of(download)["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == generator.HF_SECRET["name"]
+    assert env_of(download)["HF_HOME"]["value"] == generator.HF_HOME
+    assert job_spec["volumes"][0]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    args = AppArgs.model_validate(embedded_serve_config(name)["applications"][0]["args"])
+    for pool in args.pools:
+        loading = pool.profile.llm_config["model_loading_config"]
+        assert repr(loading.get("model_source") or loading["model_id"]) in " ".join(download["command"])
+
+
+def test_hf_token_appears_only_in_the_download_job():
+    holders = [(name, doc["kind"]) for name, doc in manifests() if "HF_TOKEN" in json.dumps(doc)]
+    assert holders == [("model-cache.yaml", "Job")]
+
+
+@pytest.mark.parametrize("name", sorted(load_generator().MANIFESTS))
+def test_object_store_leaves_shm_for_nccl_and_dashboard_needs_a_token(name):
+    from ray.autoscaler._private.kuberay.utils import parse_quantity
+
+    cluster = rayservices()[name]["spec"]["rayClusterConfig"]
+    assert cluster["authOptions"] == {"mode": "token", "secretName": load_generator().RAY_AUTH_SECRET}
+    assert "object-store-memory" in cluster["headGroupSpec"]["rayStartParams"]
+    for group in gpu_groups(cluster):
+        [shm] = [v for v in group["template"]["spec"]["volumes"] if v["name"] == "dshm"]
+        store = int(group["rayStartParams"]["object-store-memory"])
+        assert parse_quantity(shm["emptyDir"]["sizeLimit"]) - store >= 8 * 1024**3  # NCCL's room
+
+
+def test_images_are_pinned_in_one_place():
+    generator = load_generator()
+    image = generator.IMAGE
+    tag = image.rsplit(":", 1)[-1]
+    assert "@sha256:" in image or (tag not in ("latest", "") and any(c.isdigit() for c in tag) and "/" not in tag)
+    images = set()
+    for _, doc in manifests():
+        text = json.dumps(doc)
+        images |= {part.split('"')[0] for part in text.split('"image": "')[1:]}
+    assert images == {generator.IMAGE, generator.REDIS_IMAGE}
+    assert not generator.REDIS_IMAGE.endswith(":latest") and ":" in generator.REDIS_IMAGE
+    dockerignore = (ROOT / ".dockerignore").read_text().split()
+    assert {".venv", ".git", "docs/bench"} <= set(dockerignore) and "**/__pycache__" in dockerignore
+
+
+def test_network_policies_cover_the_ray_pods_and_redis():
+    ray_policy, redis_policy = docs_of("networkpolicy.yaml")
+    selector = ray_policy["spec"]["podSelector"]["matchLabels"]
     for name, service in rayservices().items():
-        cluster = service["spec"]["rayClusterConfig"]
-        for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
-            [container] = group["template"]["spec"]["containers"]
-            assert ports <= {p["name"] for p in container["ports"]}, (name, group.get("groupName", "head"))
+        for group, spec, container in ray_containers(service["spec"]["rayClusterConfig"]):
+            group_spec = service["spec"]["rayClusterConfig"]
+            labels = {"ray.io/is-ray-node": "yes"}  # KubeRay's own, plus the template's
+            template = (group_spec["headGroupSpec"] if group == "head" else
+                        next(g for g in group_spec["workerGroupSpecs"] if g["groupName"] == group))["template"]
+            labels |= template["metadata"]["labels"]
+            assert selector.items() <= labels.items(), (name, group)
+    allowed = {p["port"] for rule in ray_policy["spec"]["ingress"] for p in rule.get("ports", [])}
+    assert {8000, 8265, 8080, 44217, 44227} <= allowed
+    [open_rule] = [r for r in ray_policy["spec"]["ingress"] if "from" not in r]
+    assert [p["port"] for p in open_rule["ports"]] == [8000]  # only the API is open to all
+    [service, statefulset] = docs_of("redis.yaml")
+    assert redis_policy["spec"]["podSelector"]["matchLabels"] == statefulset["spec"]["template"]["metadata"]["labels"]
+
+
+def test_podmonitors_are_selected_by_kube_prometheus_stack_and_scrape_ports_pods_expose():
+    monitors = {doc["spec"]["selector"]["matchLabels"]["ray.io/node-type"]: doc
+                for _, doc in manifests() if doc["kind"] == "PodMonitor"}
+    assert set(monitors) == {"head", "worker"}
+    for monitor in monitors.values():  # kube-prometheus-stack selects release=<its Helm release>
+        assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    head_ports = {e["port"] for e in monitors["head"]["spec"]["podMetricsEndpoints"]}
+    assert head_ports == {"metrics", "as-metrics", "dash-metrics"}  # Ray's 8080, autoscaler 44217, dashboard 44227
+    for name, service in rayservices().items():
+        for group, spec, container in ray_containers(service["spec"]["rayClusterConfig"]):
+            wanted = monitors["head" if group == "head" else "worker"]
+            ports = {e["port"] for e in wanted["spec"]["podMetricsEndpoints"]}
+            assert ports <= {p["name"] for p in container["ports"]}, (name, group)

@@ -267,6 +267,8 @@ def test_command_lines_are_kuberays():
     assert ' --resources={"gpu_4090d": 4} ' in old  # pasted as is: two shell words
     _, head_line = container_args(cluster, cluster["headGroupSpec"], head=True)
     assert head_line.startswith("ray start --head ") and " --no-monitor " in head_line
+    assert " --redis-password=$REDIS_PASSWORD " in head_line  # configureRedisFT: the shell expands it
+    assert " --num-cpus=0 " in head_line and " --object-store-memory=" in head_line
 
 
 # --- run it ------------------------------------------------------------------------------------------------
@@ -457,9 +459,10 @@ def heads(token):
 
 
 def worker_cases():
-    """Every GPU group of every manifest as generated; the first also in the two rayStartParams forms."""
+    """Every GPU group of every manifest as generated, the single-profile one also in the two
+    rayStartParams forms; the router group of the single-profile manifest."""
     cases = []
-    for manifest, group_name in gpu_groups():
+    for manifest, group_name in [*gpu_groups(), ("rayservice.yaml", load_generator().ROUTER_GROUP)]:
         for form in FORMS if (manifest, group_name) == ("rayservice.yaml", "gpu-4090d") else ["generated"]:
             value, marks = (form, ()) if isinstance(form, str) else (form.values[0], form.marks)
             cases.append(pytest.param(manifest, group_name, value, marks=marks,
@@ -473,8 +476,14 @@ def test_worker_group_starts_with_the_bundles_resources(heads, manifest, group_n
     cluster = cluster_of(manifest)
     group = with_form(group_of(manifest, group_name), form)
     pools = pools_of(manifest, group_name)
-    assert pools, f"no pool lands on {group_name}"
-    bundles, strategy = bundles_as_cpu(pools[-1])  # the group's largest replica shape comes last
+    if group_name == load_generator().ROUTER_GROUP:  # no custom resources; room for its share of routers
+        serve_config = yaml.safe_load(rayservices()[manifest]["spec"]["serveConfigV2"])
+        router = serve_config["applications"][0]["args"]["router"]["deployment"]
+        bundles = [{"CPU": router["ray_actor_options"]["num_cpus"]}] * router["max_replicas_per_node"]
+        strategy = "STRICT_PACK"
+    else:
+        assert pools, f"no pool lands on {group_name}"
+        bundles, strategy = bundles_as_cpu(pools[-1])  # the group's largest replica shape comes last
     need_cpus = math.ceil(sum(b.get("CPU", 0) for b in bundles))
     shell, _ = container_args(cluster, group, head=False)
     env = kuberay_env(cluster, group, False, head["env"].get("RAY_AUTH_TOKEN", ""))
@@ -488,7 +497,7 @@ def test_worker_group_starts_with_the_bundles_resources(heads, manifest, group_n
         seen = drive(head["address"], head["env"], head["temp_dir"], bundles, strategy, head["known"], proc, log)
         head["known"] = seen["nodes"]
         assert "node" in seen, f"the worker never registered; `ray start` said:\n{log.read_text()[-2000:]}"
-        wanted = {k: int(quantity(v)) for k, v in group_of(manifest, group_name)["resources"].items()}
+        wanted = {k: int(quantity(v)) for k, v in group_of(manifest, group_name).get("resources", {}).items()}
         assert {k: seen["node"].get(k) for k in wanted} == wanted
         assert all(seen["cluster"].get(k, 0) >= v for k, v in wanted.items())  # ray.cluster_resources()
         assert "GPU" not in seen["node"]
