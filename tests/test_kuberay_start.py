@@ -254,6 +254,25 @@ def test_autoscaler_reads_the_groups_custom_resources(manifest, group_name, form
             assert all(node_type["resources"].get(k, 0) >= v for k, v in bundle.items()), (bundle, node_type)
 
 
+# KubeRay v1.7's own cases for updateRayStartParamsResources (pod_test.go, TestUpdateRayStartParamsResources).
+KUBERAY_CASES = [
+    ({"existing": "true"}, None, {"existing": "true"}),
+    ({}, {"cpu": "2", "memory": "4Gi"}, {"num-cpus": "2", "memory": "4294967296"}),
+    ({}, {"CPU": "2", "GPU": "4"}, {"num-cpus": "2", "num-gpus": "4"}),
+    ({}, {"nvidia.com/gpu": "1", "TPU": "4"}, {"num-gpus": "1", "resources": "'{\"TPU\":4}'"}),
+    ({"num-cpus": "1", "memory": "1000", "resources": "'{\"Custom-Resource\": 10}'"},
+     {"cpu": "4", "Custom-Resource": "5"},
+     {"num-cpus": "4", "memory": "1000", "resources": "'{\"Custom-Resource\":5}'"}),
+]
+
+
+@pytest.mark.parametrize("params, group_resources, expected", KUBERAY_CASES)
+def test_port_agrees_with_kuberays_own_unit_tests(params, group_resources, expected):
+    params = dict(params)
+    update_ray_start_params_resources(params, group_resources)
+    assert params == expected
+
+
 def test_command_lines_are_kuberays():
     """The rendering itself, on the single-profile manifest: what pod.go would produce, byte for byte."""
     cluster = cluster_of("rayservice.yaml")
