@@ -273,6 +273,29 @@ def test_port_agrees_with_kuberays_own_unit_tests(params, group_resources, expec
     assert params == expected
 
 
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("manifest, group_name", gpu_groups())
+def test_the_shells_words_parse_as_ray_starts_options(manifest, group_name, form):
+    """Without starting Ray: bash splits the container's line into words (printed by a stand-in for
+    `ray`), and `ray start`'s own click command parses them; --resources must come out as the group's map.
+    The old unquoted form leaves a stray `4}` word that `ray start` refuses (UsageError)."""
+    import click
+    from ray.scripts.scripts import start
+
+    group = with_form(group_of(manifest, group_name), form)
+    shell, _ = container_args(cluster_of(manifest), group, head=False)
+    words = subprocess.run(["/bin/bash", "-c", f"ray() {{ printf '%s\\0' \"$@\"; }}; {shell}"],
+                           capture_output=True, text=True, check=True).stdout.split("\0")[:-1]
+    assert words[0] == "start"
+    try:
+        ctx = start.make_context("start", words[1:])
+    except click.UsageError as exc:
+        pytest.fail(f"ray start refuses the line: {exc}")
+    wanted = {k: int(quantity(v)) for k, v in group_of(manifest, group_name)["resources"].items()}
+    assert json.loads(ctx.params["resources"]) == wanted
+    assert ctx.params["block"] is True and ctx.params["num_gpus"] == 4
+
+
 def test_command_lines_are_kuberays():
     """The rendering itself, on the single-profile manifest: what pod.go would produce, byte for byte."""
     cluster = cluster_of("rayservice.yaml")
