@@ -346,8 +346,8 @@ class RequestLife:
             slot.release()
             if not completed:  # budget, stall or client gone: the replica aborts the request
                 calls.cancel_all()
-            await chunks.aclose()
             tokens = _usage_tokens("".join(tail))
             if tokens is None:  # no usage event: one token per event, less the role and [DONE] events
                 tokens = max(0, events - role_events - tail[1].count("[DONE]"))
             self._finished(status, reason, tokens)
+            await chunks.aclose()
