@@ -29,6 +29,7 @@ import math
 import os
 import secrets
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -491,6 +492,7 @@ class Heads:
         current["nodes"].stop_all()
         after = subprocess.run(["pgrep", "-af", "raylet|gcs_server"], capture_output=True, text=True).stdout
         assert current["temp_dir"] not in after, "a Ray process of ours outlived the escalation"
+        shutil.rmtree(current["temp_dir"], ignore_errors=True)  # logs and session files
 
 
 @pytest.fixture(scope="module")
