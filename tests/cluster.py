@@ -94,7 +94,8 @@ def wait_healthy(url: str = BASE_URL, timeout: float = READY_TIMEOUT_S, proc: su
 
 def assert_nothing_running() -> None:
     assert not port_open(), "something already listens on 127.0.0.1:8000; stop it before the tests"
-    assert not ray_running(), "a Ray cluster is already running; run `ray stop` before the tests"
+    running = processes("gcs_server|raylet")
+    assert not running, "a Ray cluster is already running; run `ray stop` before the tests:\n" + "\n".join(running)
     assert not engine_processes(), f"vLLM engine processes are still running: {engine_processes()}"
 
 
