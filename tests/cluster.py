@@ -54,8 +54,10 @@ def port_open(url: str = BASE_URL) -> bool:
 
 
 def processes(pattern: str) -> list[str]:
+    """Live processes whose command line matches; zombies (``<defunct>``, exited but not yet reaped by
+    their parent) are not running and are left out: a test that SIGKILLed its own Ray nodes leaves them."""
     found = subprocess.run(["pgrep", "-fa", pattern], capture_output=True, text=True)
-    return found.stdout.splitlines()
+    return [line for line in found.stdout.splitlines() if not line.endswith("<defunct>")]
 
 
 def ray_running() -> bool:

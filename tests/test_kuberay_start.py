@@ -492,7 +492,20 @@ class Heads:
         current["nodes"].stop_all()
         after = subprocess.run(["pgrep", "-af", "raylet|gcs_server"], capture_output=True, text=True).stdout
         assert current["temp_dir"] not in after, "a Ray process of ours outlived the escalation"
+        reap_zombies()
         shutil.rmtree(current["temp_dir"], ignore_errors=True)  # logs and session files
+
+
+def reap_zombies() -> None:
+    """Reap exited children of this process: a killed node's gcs_server and raylet can end up as our
+    zombies (under CI's make/flock they were), and the session's start check saw them as a cluster."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
 
 
 @pytest.fixture(scope="module")
