@@ -85,6 +85,22 @@ async def read_stream(response: StreamingResponse) -> list[str]:
     return [chunk async for chunk in response.body_iterator]
 
 
+def run_stream(request_plan: RequestPlan, pool: PoolState, chunks: list[str]) -> list[str]:
+    """Run a streamed request whose replica answers ``chunks`` at once; return what the client read."""
+    async def body():
+        for chunk in chunks:
+            yield chunk
+
+    async def call():
+        replica_call(pool)
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    async def scenario():
+        return await read_stream(await RequestLife(request_plan, pool).run(call))
+
+    return run(scenario())
+
+
 def test_a_loading_pool_answers_503_at_once_and_spends_nothing():
     pool = make_pool(ready=False)
 

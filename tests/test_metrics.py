@@ -62,9 +62,9 @@ def test_usage_tokens_from_a_body_or_a_stream_event():
 import asyncio  # noqa: E402
 
 import pytest  # noqa: E402
-from starlette.responses import JSONResponse, StreamingResponse  # noqa: E402
+from starlette.responses import JSONResponse  # noqa: E402
 
-from tests.test_dispatch import make_pool, plan, replica_call, run  # noqa: E402
+from tests.test_dispatch import make_pool, plan, replica_call, run, run_stream  # noqa: E402
 
 
 @pytest.fixture
@@ -102,21 +102,10 @@ def test_a_refusal_spends_no_engine_work(recorded):
 
 def test_a_stream_counts_its_events_and_times_its_first_token(recorded):
     pool = make_pool()
-
-    async def chunks():
-        yield 'data: {"choices":[{"delta":{"role":"assistant","content":""}}]}\n\n'
-        yield 'data: {"choices":[{"delta":{"content":"a"}}]}\n\ndata: {"choices":[{"delta":{"content":"b"}}]}\n\n'
-        yield "data: [DONE]\n\n"
-
-    async def call():
-        replica_call(pool)
-        return StreamingResponse(chunks(), media_type="text/event-stream")
-
-    async def scenario():
-        response = await RequestLife(plan(pool, stream=True), pool).run(call)
-        return [c async for c in response.body_iterator]
-
-    run(scenario())
+    run_stream(plan(pool, stream=True), pool, [
+        'data: {"choices":[{"delta":{"role":"assistant","content":""}}]}\n\n',
+        'data: {"choices":[{"delta":{"content":"a"}}]}\n\ndata: {"choices":[{"delta":{"content":"b"}}]}\n\n',
+        "data: [DONE]\n\n"])
     assert recorded["finished"] == [("main", "high", 200, "ok")]
     (args, kw), = recorded["work"]
     assert kw["output_tokens"] == 2 and kw["ttft_s"] is not None and kw["tpot_s"] is not None

@@ -10,12 +10,12 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse
 
 from deployments.observability import tracing
 from deployments.observability.tracing import RequestTrace
 from deployments.router.dispatch import RequestLife
-from tests.test_dispatch import make_pool, plan, replica_call, run
+from tests.test_dispatch import make_pool, plan, replica_call, run, run_stream
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
@@ -66,21 +66,10 @@ def test_served_request(spans):
 
 def test_streamed_request_marks_its_first_token(spans):
     pool = make_pool()
-
-    async def chunks():
-        yield 'data: {"choices":[{"delta":{"role":"assistant","content":""}}]}\n\n'
-        yield 'data: {"choices":[{"delta":{"content":"a"}}]}\n\n'
-        yield "data: [DONE]\n\n"
-
-    async def call():
-        replica_call(pool)
-        return StreamingResponse(chunks(), media_type="text/event-stream")
-
-    async def scenario():
-        response = await RequestLife(traced_plan(pool, stream=True), pool).run(call)
-        return [c async for c in response.body_iterator]
-
-    run(scenario())
+    run_stream(traced_plan(pool, stream=True), pool, [
+        'data: {"choices":[{"delta":{"role":"assistant","content":""}}]}\n\n',
+        'data: {"choices":[{"delta":{"content":"a"}}]}\n\n',
+        "data: [DONE]\n\n"])
     root, children = tree(spans)
     assert set(children) == {"router.admission", "router.queue", "router.replica_call", "router.stream"}
     assert [e.name for e in root.events] == ["first_token"]
