@@ -17,7 +17,7 @@ import contextvars
 import time
 from typing import Callable
 
-from fastapi import Request
+from fastapi import Request, WebSocket
 from starlette.responses import JSONResponse, Response
 
 from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS, init
@@ -43,6 +43,8 @@ from deployments.router.request_limits import BodySizeLimit
 from deployments.router.request_models import ChatCompletionRequest, CompletionRequest
 from deployments.router.settings import QueueSettings, RouterSettings
 from deployments.router.tokens import PromptTokenCounter
+from deployments.router.websocket import serve_chat_socket
+from deployments import web
 from deployments.router.validation import (RequestProblem, check_chat_messages, check_chat_template_kwargs,
                                            check_token_ids, TOKEN_ID_FIELDS)
 
@@ -55,6 +57,11 @@ ENDPOINTS = {
     "completions": lambda app: app.post("/v1/completions", responses=openapi.COMPLETION_RESPONSES),
     "chat": lambda app: app.post("/v1/chat/completions", responses=openapi.CHAT_RESPONSES),
     "health": lambda app: app.get("/health", responses=openapi.HEALTH_RESPONSES),
+    # The web chat: a socket that streams one chat turn after another (router/websocket.py),
+    # and the page that uses it (deployments/web/).
+    "chat_socket": lambda app: app.websocket("/v1/chat/ws"),
+    "page": lambda app: app.get("/", include_in_schema=False),
+    "page_asset": lambda app: app.get("/web/{name}", include_in_schema=False),
 }
 SAMPLING_FIELDS = ("temperature", "top_p", "n", "repetition_penalty")
 _CHOSEN_POOL: contextvars.ContextVar[str] = contextvars.ContextVar("chosen_pool")
@@ -130,6 +137,19 @@ class Router(OpenAiIngress):
             reasons = "; ".join(problems.values())
             return openai_error(503, f"not ready: {reasons}", headers={"retry-after": "5"})
         return JSONResponse({"status": "ok", "models": sorted(self._model_cards), "pools": pools})
+
+    async def chat_socket(self, websocket: WebSocket) -> None:
+        """Chat turns over one WebSocket, each through the same pipeline as POST /v1/chat/completions."""
+        self._start_background()
+        await serve_chat_socket(self, websocket)
+
+    async def page(self) -> Response:
+        """The web chat page."""
+        return web.page()
+
+    async def page_asset(self, name: str) -> Response:
+        """The page's scripts and styles, from the repository (nothing fetched from elsewhere)."""
+        return web.asset(name)
 
     def _get_configured_serve_handle(self, model_id: str):
         # Called by OpenAiIngress inside _process_llm_request, in the request's
