@@ -15,9 +15,12 @@ from ray.serve.llm import build_llm_deployment
 from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
 
 from deployments.config.app_args import AppArgs
-from deployments.config.names import deployment_name_prefix
+from deployments.config.names import ROUTER_DEPLOYMENT, TENANT_LEDGER_DEPLOYMENT, deployment_name_prefix
 from deployments.router.ingress import router_ingress_class
+from deployments.router.tenants import OPEN_WARNING
 from deployments.server.llm_server import ObservedLLMServer
+from deployments.tenancy.ledger import TenantLedger
+from deployments.tenancy.tenants import load as load_tenants
 
 
 # Serve wraps an application-level policy in its own per-deployment up/down
@@ -47,8 +50,8 @@ def build_app(args: Dict[str, Any]) -> Application:
     primary_config = llm_configs[primary]  # all pools serve this one model
     model_id = primary_config.model_id
     router = app_args.router
-    router_cls = router_ingress_class(router.admission.max_request_bytes)
-    return serve.deployment(router_cls, name="Router", **without_serve_delays(app_args.router_deployment)).bind(
+    router_cls = router_ingress_class(router.admission.max_request_bytes, router.tenancy, router.cors)
+    return serve.deployment(router_cls, name=ROUTER_DEPLOYMENT, **without_serve_delays(app_args.router_deployment)).bind(
         # OpenAiIngress keys replicas by model; the router picks among the pools itself.
         llm_deployments={model_id: pool_apps[primary]},
         model_cards={model_id: to_model_metadata(model_id, primary_config)},
@@ -56,4 +59,17 @@ def build_app(args: Dict[str, Any]) -> Application:
         pool_routes=pool_routes,
         router_settings=router.model_dump(exclude={"deployment"}),
         tokenizer_source=primary_config.model_loading_config.model_source,
+        tenant_ledger=_tenant_ledger(router.tenancy.keys_file),
     )
+
+
+def _tenant_ledger(keys_file):
+    """The quota every router replica leases from; only with keys. Without them, say loudly that it is open."""
+    if keys_file is None:
+        print(f"WARNING: {OPEN_WARNING}", flush=True)
+        return None
+    load_tenants(keys_file)  # a missing or malformed tenants file fails the deploy, not the first request
+    # Fixed at one replica: it holds the buckets (listed so the app's autoscaling policy leaves it be).
+    return serve.deployment(TenantLedger, name=TENANT_LEDGER_DEPLOYMENT,
+                            ray_actor_options={"num_cpus": 0.05},
+                            autoscaling_config={"min_replicas": 1, "max_replicas": 1, **NO_SERVE_DELAYS}).bind()

@@ -19,6 +19,9 @@ from typing import Optional
 # --- deployments -------------------------------------------------------------------------------
 
 DEPLOYMENT_PREFIX = "ObservedLLMServer:"
+ROUTER_DEPLOYMENT = "Router"
+# One replica beside the router replicas: the tenants' quota they all lease from (tenancy/ledger.py).
+TENANT_LEDGER_DEPLOYMENT = "TenantLedger"
 
 
 def deployment_name_prefix(pool: str) -> str:

@@ -25,7 +25,7 @@ What is recorded where:
 
 Recording never raises into a request (every entry point is wrapped) and is
 done once per request, never per chunk. Label values come from fixed sets
-(pools and classes are configuration; reasons are ``REASONS``), never from
+(pools and classes are configuration, tenants the tenants file's names; reasons are ``REASONS``), never from
 free text, so the number of series stays bounded.
 """
 
@@ -60,9 +60,12 @@ AUTOSCALER_SIGNAL = "llm_autoscaling_signal"
 GPU_UTILIZATION = "llm_replica_gpu_utilization"
 GPU_MEMORY_USED = "llm_replica_gpu_memory_used_bytes"
 GPU_MEMORY_TOTAL = "llm_replica_gpu_memory_total_bytes"
+TENANT_REQUESTS = "llm_router_tenant_requests"
+TENANT_TOKENS = "llm_router_tenant_tokens"
 
 EXPORT_PREFIX = "ray_"
-COUNTERS = (REQUESTS, PROMPT_TOKENS, OUTPUT_TOKENS, GOODPUT_TOKENS, WITHIN_SLO, WASTED_TOKENS)
+COUNTERS = (REQUESTS, PROMPT_TOKENS, OUTPUT_TOKENS, GOODPUT_TOKENS, WITHIN_SLO, WASTED_TOKENS, TENANT_REQUESTS,
+            TENANT_TOKENS)
 HISTOGRAMS = (QUEUE_WAIT, TTFT, TPOT, E2E)
 ROUTER_GAUGES = (QUEUE_DEPTH, IN_FLIGHT, WINDOW, CIRCUIT, POOL_READY, REPLICAS)
 AUTOSCALER_GAUGES = (AUTOSCALER_TARGET, AUTOSCALER_CURRENT, AUTOSCALER_SIGNAL)
@@ -85,6 +88,8 @@ REASONS = frozenset({
     # 400 / 413 at the door
     "body_too_large", "invalid_json", "strict_json", "schema", "http_error", "invalid_messages",
     "invalid_token_ids", "classification", "admission", "timeout_header",
+    # 401 / 429 for the caller's key and tier
+    "unauthorized", "rate_limited",
     # 503: the pool cannot serve
     "loading", "circuit_open", "replica_error",
     # 429: refused for load, no engine work spent
@@ -154,6 +159,10 @@ def _make(name: str):
                           ("pool", "replica")),
         GPU_MEMORY_USED: (Gauge, "NVML memory used on the replica's GPU group, bytes (summed)", ("pool", "replica")),
         GPU_MEMORY_TOTAL: (Gauge, "NVML memory of the replica's GPU group, bytes (summed)", ("pool", "replica")),
+        TENANT_REQUESTS: (Counter, "Requests per tenant (from the tenants file; never a key) by outcome",
+                          ("tenant", "outcome")),
+        TENANT_TOKENS: (Counter, "Tokens per tenant: prompt tokens sent to an engine, output tokens delivered",
+                        ("tenant", "kind")),
     }
     kind, description, tags, *buckets = specs[name]
     if kind is Histogram:
@@ -182,6 +191,17 @@ def refused_at_door(status: int, reason: str) -> None:
 def request_finished(pool: str, cls: str, status: int, reason: str) -> None:
     _safely(REQUESTS, lambda: _metric(REQUESTS).inc(1, tags={
         "pool": pool, "class": cls, "outcome": outcome_of(status), "reason": _reason(reason)}))
+
+
+def tenant_request(tenant: str, status: int, *, prompt_tokens: int, output_tokens: int) -> None:
+    """One request of ``tenant`` ended with ``status``; what it used (401s have no tenant: ``refused_at_door``)."""
+    def record():
+        _metric(TENANT_REQUESTS).inc(1, tags={"tenant": tenant, "outcome": outcome_of(status)})
+        if prompt_tokens > 0:
+            _metric(TENANT_TOKENS).inc(prompt_tokens, tags={"tenant": tenant, "kind": "prompt"})
+        if output_tokens > 0:
+            _metric(TENANT_TOKENS).inc(output_tokens, tags={"tenant": tenant, "kind": "output"})
+    _safely("tenant_request", record)
 
 
 def queue_waited(pool: str, cls: str, seconds: float) -> None:

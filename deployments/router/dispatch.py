@@ -31,7 +31,7 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable
 
 from starlette.responses import Response, StreamingResponse
 
@@ -46,6 +46,10 @@ from deployments.router.forecast import admits
 from deployments.router.pool import PoolState
 from deployments.router.scheduler import QueueFull, QueueTimeout, Shed
 from deployments.router.settings import PriorityClass
+from deployments.tenancy.fairness import cost
+
+if TYPE_CHECKING:
+    from deployments.router.tenants import TenantUse
 
 
 @dataclass
@@ -60,6 +64,10 @@ class RequestPlan:
     headers: dict[str, str] = field(default_factory=dict)
     prompt_tokens: int = 0
     trace: RequestTrace = field(default_factory=RequestTrace.disabled)
+    # Its tenant (router/tenants.py): quota to settle at the end, and the weighted tokens it may
+    # cost, charged to the tenant's fair-sharing counter when it starts (tenancy/fairness.py).
+    tenant: "TenantUse | None" = None
+    cost: float = 0.0
 
 
 def engine_error_in(chunk: str) -> tuple[int, str] | None:
@@ -138,6 +146,19 @@ class RequestLife:
         except Exception:  # metrics must never fail a request
             metrics.logger.debug("could not record a request's metrics", exc_info=True)
         self.plan.trace.finish(status, reason, **{"llm.output_tokens": output_tokens})
+        self._settle_tenant(status, output_tokens)
+
+    def _settle_tenant(self, status: int, output_tokens: int | None) -> None:
+        """Give the tenant's unused quota back, and correct its fair-sharing charge to the tokens produced."""
+        tenant, started = self.plan.tenant, self._started_at is not None
+        try:
+            if started and output_tokens is not None:
+                produced = cost(self.plan.prompt_tokens, output_tokens)
+                self.pool.scheduler.settle(tenant.tenant if tenant else "", produced - self.plan.cost)
+            if tenant is not None:
+                tenant.finished(status, self.plan.prompt_tokens, output_tokens, started)
+        except Exception:  # bookkeeping must never fail a request
+            metrics.logger.warning("could not settle a request's tenant usage", exc_info=True)
 
     def _record(self, status: int, reason: str, output_tokens: int | None) -> None:
         pool, cls = self.plan.pool, self.plan.cls.label
@@ -216,7 +237,9 @@ class RequestLife:
     async def _acquire(self) -> float | Response:
         start_s = self.plan.budgets.start_by - self._clock()
         try:
-            return await self.pool.scheduler.acquire(self.plan.cls, start_s, self.plan.max_tokens)
+            tenant = self.plan.tenant.tenant if self.plan.tenant else ""
+            return await self.pool.scheduler.acquire(self.plan.cls, start_s, self.plan.max_tokens, tenant,
+                                                     self.plan.cost)
         except QueueFull as full:
             forecast = self.pool.forecast(self.plan.cls, self.plan.max_tokens)
             return self._error(429, f"{full}; retry later", reason="shed" if isinstance(full, Shed) else "queue_full",

@@ -32,9 +32,11 @@ def openai_error(
     *,
     param: str | None = None,
     headers: Mapping[str, str] | None = None,
+    code: int | str | None = None,
 ) -> JSONResponse:
+    """``code``: OpenAI's error code where it names one (``invalid_api_key``); else the status."""
     error_type = error_type or ERROR_TYPES.get(status, "server_error")
-    body = {"error": {"message": message, "type": error_type, "param": param, "code": status}}
+    body = {"error": {"message": message, "type": error_type, "param": param, "code": code or status}}
     return JSONResponse(body, status_code=status, headers=dict(headers or {}))
 
 

@@ -18,6 +18,8 @@ import time
 from typing import Callable
 
 from fastapi import Request, WebSocket
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, Response
 
 from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS, init
@@ -41,7 +43,11 @@ from deployments.router.pools import PoolRoute, choose_pool, tokens_needed
 from deployments.router.replica_counts import follow_replica_counts
 from deployments.router.request_limits import BodySizeLimit
 from deployments.router.request_models import ChatCompletionRequest, CompletionRequest
-from deployments.router.settings import QueueSettings, RouterSettings
+from deployments.router.settings import CorsSettings, QueueSettings, RouterSettings, TenancySettings
+from deployments.router.tenants import ApiKeyAuth, TenantGate, rate_limited, unauthorized
+from deployments.tenancy.fairness import cost
+from deployments.tenancy.ledger import RateLimited
+from deployments.tenancy.tenants import AuthFailure
 from deployments.router.tokens import PromptTokenCounter
 from deployments.router.websocket import serve_chat_socket
 from deployments import web
@@ -77,6 +83,7 @@ class Router(OpenAiIngress):
         pool_routes: list[dict],
         router_settings: dict,
         tokenizer_source: str,
+        tenant_ledger=None,
         **kwargs,
     ):
         super().__init__(llm_deployments, model_cards, **kwargs)
@@ -91,6 +98,7 @@ class Router(OpenAiIngress):
         self._routes = [pool.route for pool in self._pools.values()]
         self._background: list[asyncio.Task] = []
         self._replica_id = serve.get_replica_context().replica_id.unique_id
+        self._tenants = TenantGate(self._settings.tenancy, tenant_ledger, self._replica_id)
 
     def _start_background(self) -> None:
         """Start (once, on the replica's event loop) the pool watches and the replica-count follower."""
@@ -98,6 +106,7 @@ class Router(OpenAiIngress):
             app_name = serve.get_replica_context().app_name
             self._background = [asyncio.create_task(pool.watch()) for pool in self._pools.values()]
             self._background.append(asyncio.create_task(follow_replica_counts(app_name, self._apply_replica_counts)))
+            self._background.append(asyncio.create_task(self._tenants.run()))
 
     def _apply_replica_counts(self, counts: dict) -> None:
         routers = counts.get(serve.get_replica_context().deployment, 1)
@@ -167,6 +176,10 @@ class Router(OpenAiIngress):
     async def _serve(self, body, request: Request, call_method: str, count_tokens: Callable[[], int]) -> Response:
         arrived_at = time.monotonic()
         self._start_background()
+        try:  # the HTTP middleware checked it already; a WebSocket turn's key is checked here
+            caller = self._tenants.caller_of(request)
+        except AuthFailure as failure:
+            return unauthorized(failure)
         await self._get_model_id(body.model)  # unknown model: 404 before any work
         trace = RequestTrace.start(request.headers, call_method)
         trace.begin("router.plan")
@@ -177,11 +190,19 @@ class Router(OpenAiIngress):
             return _problem_response(problem, "invalid_token_ids")
         # Tokenising a 1 MB prompt takes a while; keep the event loop free.
         prompt_tokens = await asyncio.to_thread(count_tokens)
-        planned = self._plan(body, request, prompt_tokens, arrived_at)
+        planned = self._plan(body, request, prompt_tokens, arrived_at, caller)
         if isinstance(planned, RequestProblem):
             trace.finish(planned.status, "invalid_request", **{"llm.prompt_tokens": prompt_tokens})
             return _problem_response(planned, None)  # counted where _plan found it
         body, plan = planned
+        use = await self._tenants.admit(caller, prompt_tokens + plan.max_tokens * (getattr(body, "n", None) or 1))
+        if isinstance(use, RateLimited):
+            trace.finish(429, "rate_limited")
+            return rate_limited(use, plan.headers)
+        plan.tenant, plan.headers = use, plan.headers | use.headers
+        fair = self._tenants.fair
+        for pool in self._pools.values():
+            pool.scheduler.set_sharing(fair)  # the tenants file may have changed it
         trace.end("router.plan")
         trace.set(**{"llm.class": plan.cls.label, "llm.pool": plan.pool, "llm.prompt_tokens": prompt_tokens,
                      "llm.max_tokens": plan.max_tokens, "llm.stream": plan.stream})
@@ -190,12 +211,12 @@ class Router(OpenAiIngress):
         return await RequestLife(plan, self._pools[plan.pool]).run(
             lambda: self._process_llm_request(body, call_method=call_method, raw_request=request))
 
-    def _plan(self, body, request: Request, prompt_tokens: int, arrived_at: float):
+    def _plan(self, body, request: Request, prompt_tokens: int, arrived_at: float, caller=None):
         """(the body to send, its RequestPlan), or the RequestProblem that answers it with a 4xx."""
         classification = classify(prompt_tokens, request.headers.get(PRIORITY_HEADER), self._settings.classification)
         if isinstance(classification, RequestProblem):
             return _counted(classification, "classification")
-        cls = classification.priority
+        cls, lowered = self._tenants.cap_class(caller, classification.priority)
         fields = {name: getattr(body, name, None) for name in SAMPLING_FIELDS}
         completion_cap = getattr(body, "max_completion_tokens", None)  # 0 is a value to refuse, not unset
         fields["max_tokens"] = body.max_tokens if completion_cap is None else completion_cap
@@ -219,10 +240,22 @@ class Router(OpenAiIngress):
         headers = {"x-router-replica": self._replica_id,
                    "x-priority-class": cls.label,
                    "x-llm-pool": pool.route.name, "x-prompt-tokens": str(prompt_tokens),
-                   "x-max-tokens-applied": str(admitted.max_tokens)}
+                   "x-max-tokens-applied": str(admitted.max_tokens), **lowered}
         plan = RequestPlan(cls=cls, pool=pool.route.name, max_tokens=admitted.max_tokens, budgets=budgets, stream=bool(getattr(body, "stream", False)),
-                           headers=headers, prompt_tokens=prompt_tokens)
+                           headers=headers, prompt_tokens=prompt_tokens,
+                           cost=cost(prompt_tokens, admitted.max_tokens * (fields.get("n") or 1)))
         return body.model_copy(update=updates), plan
+
+
+def _restrict_cors(app, cors: CorsSettings) -> None:
+    """ray.serve.llm's app allows every origin, with credentials; allow only the configured ones (none by
+    default: then no CORS headers at all, and browsers keep other origins' pages out)."""
+    at = next(i for i, m in enumerate(app.user_middleware) if m.cls is CORSMiddleware)
+    if cors.allow_origins:
+        app.user_middleware[at] = Middleware(CORSMiddleware, allow_origins=cors.allow_origins,
+                                             allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"])
+    else:
+        del app.user_middleware[at]
 
 
 def _problem_response(problem: RequestProblem, reason: str | None) -> JSONResponse:
@@ -237,11 +270,15 @@ def _counted(problem: RequestProblem, reason: str) -> RequestProblem:
     return problem
 
 
-def router_ingress_class(max_request_bytes: int) -> type:
+def router_ingress_class(max_request_bytes: int, tenancy: TenancySettings | None = None,
+                         cors: CorsSettings | None = None) -> type:
     """The Router class wired to its FastAPI app, ready for serve.deployment."""
     app = init()  # ray.serve.llm's app: request ids, CORS, HTTP metrics, error middleware
+    _restrict_cors(app, cors or CorsSettings())
     install_openai_error_handlers(app)
     openapi.without_validation_422(app)
+    # Outermost of ours: an unauthenticated request costs nothing, not even reading its body.
+    app.add_middleware(ApiKeyAuth, settings=tenancy or TenancySettings())
     # Added first, so it runs inside BodySizeLimit: declared oversize bodies never get read.
     app.add_middleware(JsonBody, max_bytes=max_request_bytes)
     app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)

@@ -2,7 +2,8 @@
 
 The router, not an unbounded engine queue, decides the order: at most
 ``window`` requests per running LLM replica run at once (the window is
-adaptive, router/window.py, and set from outside); the rest wait here, high before medium before low, first-come-first-served within a class. A share of the window is
+adaptive, router/window.py, and set from outside); the rest wait here, high before medium before low;
+within a class, tenants take turns by tokens served (tenancy/fairness.py), each tenant's requests in arrival order. A share of the window is
 kept for high requests, so a flood of low ones can never take every slot, and
 a class may be set to yield to high: it starts only in the gaps between them.
 Decisions are the pure functions at the top; ``PriorityScheduler`` is the
@@ -14,11 +15,11 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
 from deployments.router.settings import PriorityClass, QueueSettings
+from deployments.tenancy.fairness import FairQueue, VirtualTokenCounter
 
 
 class QueueFull(Exception):
@@ -80,13 +81,16 @@ class _Waiter:
     future: asyncio.Future
     deadline: float = math.inf  # monotonic: must start by then
     max_tokens: int = 0  # what it asked for: how long it will hold its slot
+    tenant: str = ""
+    cost: float = 0.0  # weighted tokens charged to its tenant when it starts (tenancy/fairness.py)
     enqueued_at: float = field(default_factory=time.monotonic)
 
 
 class PriorityScheduler:
     def __init__(self, settings: QueueSettings):
         self._settings = settings
-        self._queues: dict[PriorityClass, deque[_Waiter]] = {c: deque() for c in PriorityClass}
+        self.counter = VirtualTokenCounter()
+        self._queues: dict[PriorityClass, FairQueue[_Waiter]] = {c: FairQueue(self.counter) for c in PriorityClass}
         self._running: dict[PriorityClass, int] = {c: 0 for c in PriorityClass}
         self._replicas = 1
         self._window = settings.window.initial
@@ -99,6 +103,15 @@ class PriorityScheduler:
         """The adaptive window per LLM replica (router/window.py)."""
         self._window = max(1, per_replica)
         self._dispatch()
+
+    def set_sharing(self, fair: bool) -> None:
+        """Tenants of a class share it by tokens served (True) or in arrival order (False)."""
+        for queue in self._queues.values():
+            queue.fair = fair
+
+    def settle(self, tenant: str, correction: float) -> None:
+        """Correct a started request's charge to what it really cost (weighted tokens, usually negative)."""
+        self.counter.charge(tenant, correction)
 
     @property
     def replicas(self) -> int:
@@ -154,8 +167,11 @@ class PriorityScheduler:
     def _queued_total(self) -> int:
         return sum(len(q) for q in self._queues.values())
 
-    async def acquire(self, cls: PriorityClass, timeout_s: float, max_tokens: int = 0) -> float:
+    async def acquire(self, cls: PriorityClass, timeout_s: float, max_tokens: int = 0, tenant: str = "",
+                      cost: float = 0.0) -> float:
         """Wait for a slot; returns the seconds waited. Pair with ``release()``.
+
+        ``tenant`` and ``cost`` (weighted tokens it may use) order tenants within the class.
 
         Raises ``QueueFull`` (no room to wait), ``Shed`` (dropped for a more urgent request, or by
         ``shed_hopeless``) or ``QueueTimeout`` (``timeout_s`` passed while waiting).
@@ -165,9 +181,10 @@ class PriorityScheduler:
         # (for high) they make a yielding class wait anyway.
         if not self._queues[cls] and self._may_start(cls):
             self._start(cls)
+            self.counter.charge(tenant, cost)
             return 0.0
-        waiter = self._enqueue(cls)
-        waiter.deadline, waiter.max_tokens = waiter.enqueued_at + timeout_s, max_tokens
+        waiter = self._enqueue(cls, tenant)
+        waiter.deadline, waiter.max_tokens, waiter.cost = waiter.enqueued_at + timeout_s, max_tokens, cost
         try:
             await asyncio.wait_for(asyncio.shield(waiter.future), timeout_s)
         except asyncio.TimeoutError:
@@ -184,7 +201,7 @@ class PriorityScheduler:
         self._running[cls] -= 1
         self._dispatch()
 
-    def _enqueue(self, cls: PriorityClass) -> _Waiter:
+    def _enqueue(self, cls: PriorityClass, tenant: str = "") -> _Waiter:
         queue = self._queues[cls]
         if len(queue) >= self._settings.capacity[cls.label]:
             raise QueueFull(cls, f"the {cls.label} queue is full ({len(queue)} waiting)")
@@ -192,9 +209,9 @@ class PriorityScheduler:
             victim_cls = class_to_shed({c: len(q) for c, q in self._queues.items()}, cls)
             if victim_cls is None:
                 raise QueueFull(cls, f"all queues are full ({self._queued_total()} waiting)")
-            victim = self._queues[victim_cls].pop()  # newest of the least urgent class
+            victim = self._queues[victim_cls].pop()  # newest of the least urgent class's most-served tenant
             victim.future.set_exception(Shed(victim_cls, f"shed from the {victim_cls.label} queue under overload"))
-        waiter = _Waiter(cls, asyncio.get_running_loop().create_future())
+        waiter = _Waiter(cls, asyncio.get_running_loop().create_future(), tenant=tenant)
         queue.append(waiter)
         return waiter
 
@@ -240,6 +257,7 @@ class PriorityScheduler:
                 if waiter.future.done():
                     continue
                 self._start(cls)
+                self.counter.charge(waiter.tenant, waiter.cost)
                 waiter.future.set_result(None)
             if queue and self.in_flight >= self._window * self._replicas:
                 return  # window full: nothing below may start either

@@ -174,3 +174,22 @@ class RouterSettings(_Strict):
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
     queues: QueueSettings = Field(default_factory=QueueSettings)
     circuit: CircuitSettings = Field(default_factory=CircuitSettings)
+    tenancy: "TenancySettings" = Field(default_factory=lambda: TenancySettings())
+    cors: "CorsSettings" = Field(default_factory=lambda: CorsSettings())
+
+
+class TenancySettings(_Strict):
+    """API keys, tiers and fair sharing (deployments/tenancy/). Without ``keys_file`` the service is open:
+    the embedded default then binds only 127.0.0.1, and says so at start-up."""
+
+    keys_file: str | None = Field(None, description="the tenants file: tiers, tenants, SHA-256 digests of "
+                                                    "their keys (a mounted Kubernetes Secret on k8s)")
+    reload_s: float = Field(2.0, gt=0, description="how often the router checks whether the file changed")
+
+
+class CorsSettings(_Strict):
+    allow_origins: list[str] = Field(default_factory=list, description="browser origins allowed to call the "
+                                                                       "API cross-origin; none by default")
+
+
+RouterSettings.model_rebuild()
