@@ -1,14 +1,18 @@
 """Generate the RayService manifests in k8s/ from serve_config.yaml: one source of truth.
 
-    python k8s/generate.py            # write every manifest in MANIFESTS
-    python k8s/generate.py --check    # exit 1 if a committed one is stale
+    python k8s/generate.py --keys-secret llm-serving-tenants          # write every manifest
+    python k8s/generate.py --keys-secret llm-serving-tenants --check  # exit 1 if a committed one is stale
+
+--keys-secret names the Kubernetes Secret whose key `tenants.yaml` is the tenants file (tiers, tenants,
+SHA-256 digests of their API keys; k8s/tenants-secret.example.yaml). It is required: without keys the
+service would be open to anyone who reaches it. The committed manifests name `llm-serving-tenants`.
 
 Each RayService's serveConfigV2 is serve_config.yaml with one GPU profile or
-layout selected and the proxy listening on all interfaces; nothing else
-differs. Its worker groups follow from the selected pools: one group per node
-pool, advertising the `gpu_4090d` resource and the pool's `node_pool_<name>`
-resource that the pool's bundles ask for, sized from the pools' replica
-bounds. Images, volumes and node labels live in the constants below.
+layout selected, the proxy listening on all interfaces and the router's
+tenants file read from the key Secret's mount; nothing else differs. Its worker
+groups follow from the selected pools: one group per node pool, advertising the
+`gpu_4090d` resource and the pool's `node_pool_<name>` resource that the pool's
+bundles ask for, sized from the pools' replica bounds. Images, volumes and node labels live in the constants below.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import argparse
 import copy
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -69,6 +74,14 @@ HF_HOME = "/models/hf"
 HF_SECRET = {"name": "huggingface", "key": "token"}  # only the model-cache fill Job reads it
 REDIS_SECRET = {"name": "llm-serving-redis", "key": "password"}
 RAY_AUTH_SECRET = "llm-serving-ray-auth"  # key auth_token: KubeRay's authOptions.secretName
+# The tenants file (API key digests, tiers): the Secret named by --keys-secret, mounted as a whole volume on
+# every Ray pod (router replicas may land on any). Never subPath: the kubelet updates a Secret volume in
+# place (it swaps the `..data` symlink) but never a subPath mount; the router re-reads the file on change.
+TENANTS_KEY = "tenants.yaml"
+TENANCY_VOLUME = "tenancy"
+TENANCY_MOUNT = "/etc/llm-serving/tenancy"
+TENANTS_FILE = f"{TENANCY_MOUNT}/{TENANTS_KEY}"
+COMMITTED_KEYS_SECRET = "llm-serving-tenants"  # what the committed manifests name; k8s/tenants-secret.example.yaml
 REDIS_NAME = "llm-serving-redis"
 REDIS_PORT = 6379
 # Ray's object store lives in /dev/shm; NCCL (TP > 1 with NCCL_P2P_DISABLE=1) moves its traffic there too.
@@ -117,7 +130,8 @@ def shutdown_timings(app_args: AppArgs) -> dict:
 
 def serve_config_for_cluster(selection: dict) -> dict:
     """serve_config.yaml with the selection, the proxy on all interfaces, and the cluster-only settings:
-    Serve's graceful shutdown on the LLM and router deployments set from the longest stream."""
+    Serve's graceful shutdown on the LLM and router deployments set from the longest stream, and the
+    router's tenants file at the Secret's mount."""
     config = copy.deepcopy(yaml.safe_load(SERVE_CONFIG.read_text()))
     config["http_options"]["host"] = "0.0.0.0"  # the Serve service must reach the proxy
     for app in config["applications"]:
@@ -130,6 +144,7 @@ def serve_config_for_cluster(selection: dict) -> dict:
             llm_config["deployment_config"] = {**llm_config.get("deployment_config", {}), **graceful}
         router = app["args"].setdefault("router", {})
         router["deployment"] = {**router.get("deployment", {}), **graceful, **router_spread(app_args)}
+        router["tenancy"] = {**(router.get("tenancy") or {}), "keys_file": TENANTS_FILE}
         AppArgs.model_validate(app["args"])
     return config
 
@@ -162,7 +177,8 @@ def _env() -> list[dict]:
 
 
 def _container(name: str, resources: dict, shm: bool, ports: list[dict] = ()) -> dict:
-    mounts = [{"name": "model-cache", "mountPath": "/models", "readOnly": True}]
+    mounts = [{"name": "model-cache", "mountPath": "/models", "readOnly": True},
+              {"name": TENANCY_VOLUME, "mountPath": TENANCY_MOUNT, "readOnly": True}]
     if shm:
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
     return {
@@ -175,8 +191,11 @@ def _container(name: str, resources: dict, shm: bool, ports: list[dict] = ()) ->
     }
 
 
-def _volumes(shm: bool) -> list[dict]:
-    volumes = [{"name": "model-cache", "persistentVolumeClaim": {"claimName": MODEL_CACHE_CLAIM, "readOnly": True}}]
+def _volumes(shm: bool, keys_secret: str) -> list[dict]:
+    volumes = [{"name": "model-cache", "persistentVolumeClaim": {"claimName": MODEL_CACHE_CLAIM, "readOnly": True}},
+               # Not optional: without the Secret (or its key) the pod waits in ContainerCreating, never open.
+               {"name": TENANCY_VOLUME, "secret": {"secretName": keys_secret, "optional": False,
+                                                   "items": [{"key": TENANTS_KEY, "path": TENANTS_KEY}]}}]
     if shm:
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE}})
     return volumes
@@ -194,7 +213,8 @@ def _drain_on_stop(timings: dict) -> dict:
         f"while pgrep -f 'ServeReplica:' >/dev/null && [ $SECONDS -lt {deadline} ]; do sleep 5; done")]}}}
 
 
-def _worker_group(name: str, node_pool: str | None, gpus_min: int, gpus_max: int, timings: dict) -> dict:
+def _worker_group(name: str, node_pool: str | None, gpus_min: int, gpus_max: int, timings: dict,
+                  keys_secret: str) -> dict:
     resources = {GPU_RESOURCE: GPUS_PER_NODE}
     node_selector = dict(NODE_SELECTOR)
     if node_pool:
@@ -220,12 +240,12 @@ def _worker_group(name: str, node_pool: str | None, gpus_min: int, gpus_max: int
                 "requests": {"cpu": "14", "memory": "96Gi", "nvidia.com/gpu": str(GPUS_PER_NODE)},
                 "limits": {"cpu": "14", "memory": "96Gi", "nvidia.com/gpu": str(GPUS_PER_NODE)},
             }, shm=True), "lifecycle": _drain_on_stop(timings)}],
-            "volumes": _volumes(shm=True),
+            "volumes": _volumes(shm=True, keys_secret=keys_secret),
         }},
     }
 
 
-def _router_group(timings: dict) -> dict:
+def _router_group(timings: dict, keys_secret: str) -> dict:
     """Small CPU nodes for the router replicas (and Serve proxies): with the head out of the Serve
     service and at most half the routers per node, traffic keeps flowing when any one node goes."""
     return {
@@ -239,7 +259,7 @@ def _router_group(timings: dict) -> dict:
             "containers": [{**_container("ray-worker", {
                 "requests": {"cpu": "4", "memory": "8Gi"}, "limits": {"cpu": "4", "memory": "8Gi"},
             }, shm=False), "lifecycle": _drain_on_stop(timings)}],
-            "volumes": _volumes(shm=False),
+            "volumes": _volumes(shm=False, keys_secret=keys_secret),
             "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{
                 "weight": 100, "podAffinityTerm": {
                     "topologyKey": "kubernetes.io/hostname",
@@ -248,7 +268,7 @@ def _router_group(timings: dict) -> dict:
     }
 
 
-def worker_groups(app_args: AppArgs, timings: dict) -> list[dict]:
+def worker_groups(app_args: AppArgs, timings: dict, keys_secret: str) -> list[dict]:
     """One worker group per node pool, sized for its pools' replica bounds."""
     gpus: dict[str | None, list[int]] = {}
     for pool in app_args.pools:
@@ -258,8 +278,9 @@ def worker_groups(app_args: AppArgs, timings: dict) -> list[dict]:
         low, high = gpus.setdefault(pool.pool.node_pool, [0, 0])
         gpus[pool.pool.node_pool] = [low + per_replica * bounds.get("min_replicas", 1),
                                      high + per_replica * bounds.get("max_replicas", 1)]
-    return [*(_worker_group(f"gpu-{node_pool}" if node_pool else DEFAULT_GROUP, node_pool, low, high, timings)
-              for node_pool, (low, high) in gpus.items()), _router_group(timings)]
+    return [*(_worker_group(f"gpu-{node_pool}" if node_pool else DEFAULT_GROUP, node_pool, low, high, timings,
+                            keys_secret)
+              for node_pool, (low, high) in gpus.items()), _router_group(timings, keys_secret)]
 
 
 def upgrade_strategy(kind: str) -> dict:
@@ -271,7 +292,30 @@ def upgrade_strategy(kind: str) -> dict:
     return {"type": "None"}
 
 
-def rayservice(name: str, selection: dict, upgrade: str) -> dict:
+class MissingKeysSecret(ValueError):
+    """Rendering a RayService without a key Secret named: refused, it would serve anyone."""
+
+
+NO_KEYS_SECRET = (
+    "refusing to render the RayServices without API keys: pass --keys-secret NAME, the Kubernetes Secret "
+    f"whose key {TENANTS_KEY} holds the tenants file (tiers, tenants, SHA-256 digests of their keys; see "
+    "k8s/tenants-secret.example.yaml and docs/k8s.md). Without keys the service would be open to anyone who "
+    f"reaches it. The committed manifests use --keys-secret {COMMITTED_KEYS_SECRET}.")
+# A Secret's name: a DNS-1123 subdomain.
+_SECRET_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+def check_keys_secret(keys_secret: str | None) -> str:
+    if not keys_secret:
+        raise MissingKeysSecret(NO_KEYS_SECRET)
+    if len(keys_secret) > 253 or not _SECRET_NAME.fullmatch(keys_secret):
+        raise MissingKeysSecret(f"--keys-secret {keys_secret!r} is not a Kubernetes Secret name "
+                                "(lower-case letters, digits, '-' and '.', at most 253 characters)")
+    return keys_secret
+
+
+def rayservice(name: str, selection: dict, upgrade: str, keys_secret: str | None) -> dict:
+    keys_secret = check_keys_secret(keys_secret)
     serve_config = serve_config_for_cluster(selection)
     app_args = AppArgs.model_validate(serve_config["applications"][0]["args"])
     timings = shutdown_timings(app_args)
@@ -285,7 +329,7 @@ def rayservice(name: str, selection: dict, upgrade: str) -> dict:
                 "ray-head", {"requests": {"cpu": "4", "memory": "16Gi"}, "limits": {"cpu": "4", "memory": "16Gi"}},
                 shm=False, ports=[{"containerPort": AUTOSCALER_METRICS_PORT, "name": "as-metrics"},
                                   {"containerPort": DASHBOARD_METRICS_PORT, "name": "dash-metrics"}])],
-            "volumes": _volumes(shm=False)}},
+            "volumes": _volumes(shm=False, keys_secret=keys_secret)}},
     }
     return {
         "apiVersion": "ray.io/v1",
@@ -310,7 +354,7 @@ def rayservice(name: str, selection: dict, upgrade: str) -> dict:
                 "enableInTreeAutoscaling": True,
                 "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": 300},
                 "headGroupSpec": head,
-                "workerGroupSpecs": worker_groups(app_args, timings),
+                "workerGroupSpecs": worker_groups(app_args, timings, keys_secret),
             },
         },
     }
@@ -458,27 +502,37 @@ _BlockDumper.add_representer(
     str, lambda d, v: d.represent_scalar("tag:yaml.org,2002:str", v, style="|" if "\n" in v else None))
 
 
-def render(filename: str) -> str:
+def render(filename: str, keys_secret: str | None = None) -> str:
+    """One file's text; a RayService needs keys_secret (MissingKeysSecret without it)."""
     if filename in OTHER_FILES:
         return HEADER + yaml.dump_all(OTHER_FILES[filename](), Dumper=_BlockDumper, sort_keys=False, width=120)
     name, selection, upgrade = MANIFESTS[filename]
-    return HEADER + yaml.dump(rayservice(name, selection, upgrade), Dumper=_BlockDumper, sort_keys=False, width=120)
+    service = rayservice(name, selection, upgrade, keys_secret)
+    return HEADER + yaml.dump(service, Dumper=_BlockDumper, sort_keys=False, width=120)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--keys-secret", metavar="NAME",
+                        help=f"the Secret holding the tenants file under the key {TENANTS_KEY} (required)")
+    args = parser.parse_args(argv)
+    try:  # every file rendered before any is written: a refusal leaves k8s/ as it was
+        texts = {filename: render(filename, args.keys_secret) for filename in GENERATED}
+    except MissingKeysSecret as exc:
+        print(f"k8s/generate.py: {exc}", file=sys.stderr)
+        return 2
     stale = []
-    for filename in GENERATED:
-        path, text = K8S / filename, render(filename)
+    for filename, text in texts.items():
+        path = K8S / filename
         if args.check:
             if not path.exists() or path.read_text() != text:
                 stale.append(filename)
         else:
             path.write_text(text)
     if stale:
-        print(f"stale: {', '.join(stale)}; run python k8s/generate.py", file=sys.stderr)
+        print(f"stale: {', '.join(stale)}; run python k8s/generate.py --keys-secret {args.keys_secret}",
+              file=sys.stderr)
         return 1
     return 0
 

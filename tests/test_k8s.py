@@ -17,6 +17,7 @@ from deployments.config.app_args import AppArgs, load_serve_config
 ROOT = Path(__file__).resolve().parents[1]
 KUBERAY = ROOT.parent / "shared" / "kuberay"
 CRDS = {"RayService": "ray.io_rayservices.yaml", "RayCluster": "ray.io_rayclusters.yaml"}
+KEYS_SECRET = "llm-serving-tenants"  # the --keys-secret the committed RayServices are rendered with
 
 
 @functools.cache
@@ -100,8 +101,8 @@ def test_generated_files_are_current():
     generator = load_generator()
     assert set(generator.MANIFESTS) < set(generator.GENERATED)
     for filename in generator.GENERATED:
-        assert (ROOT / "k8s" / filename).read_text() == generator.render(filename), \
-            f"k8s/{filename} is stale: run python k8s/generate.py"
+        assert (ROOT / "k8s" / filename).read_text() == generator.render(filename, KEYS_SECRET), \
+            f"k8s/{filename} is stale: run python k8s/generate.py --keys-secret {KEYS_SECRET}"
 
 
 def embedded_serve_config(name: str) -> dict:
@@ -130,7 +131,9 @@ def cluster_only_settings(name: str) -> dict:
     settings = {("http_options", "host"): "0.0.0.0",
                 (*app, "router", "deployment", "graceful_shutdown_timeout_s"): graceful,
                 # at least two routers, at most half of them on one node
-                (*app, "router", "deployment", "max_replicas_per_node"): -(-max(routers, 2) // 2)}
+                (*app, "router", "deployment", "max_replicas_per_node"): -(-max(routers, 2) // 2),
+                # the tenants file from the key Secret's mount (tests/test_k8s_tenancy.py)
+                (*app, "router", "tenancy", "keys_file"): "/etc/llm-serving/tenancy/tenants.yaml"}
     if routers < 2:
         settings[(*app, "router", "deployment", "autoscaling_config")] = {
             **args.router.deployment.get("autoscaling_config", {}), "min_replicas": 2, "max_replicas": 2}
