@@ -38,3 +38,19 @@ if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2
         echo "warning: no apt-get; install prometheus and promtool for the metrics and alert tests" >&2
     fi
 fi
+
+# Chromium and its driver (Debian's `chromium`, `chromium-driver`) for the chat page's browser tests
+# (tests/test_browser.py drives it with Playwright through the system executable; browser downloads
+# are not reachable); only where absent.
+if ! command -v chromium >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1; then
+        SUDO=""
+        [ "$(id -u)" = 0 ] || SUDO="sudo"
+        chromium_install() { $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver; }
+        if ! { chromium_install >/dev/null 2>&1 || { $SUDO apt-get update -q >/dev/null 2>&1 && chromium_install >/dev/null; }; }; then
+            echo "warning: could not install Debian's chromium package; the browser tests will skip" >&2
+        fi
+    else
+        echo "warning: no apt-get; install chromium for the browser tests" >&2
+    fi
+fi
