@@ -19,6 +19,7 @@ from starlette.applications import Starlette
 from starlette.responses import StreamingResponse
 from starlette.routing import WebSocketRoute
 from starlette.testclient import TestClient
+from starlette.websockets import WebSocketDisconnect
 
 from deployments.router.errors import openai_error, sse_error_event
 from deployments.router.websocket import serve_chat_socket
@@ -46,7 +47,8 @@ class FakeRouter:
     """Router.chat's contract: a StreamingResponse of SSE chunks with the router's headers, or a JSON error."""
 
     def __init__(self):
-        self._settings = SimpleNamespace(admission=SimpleNamespace(max_request_bytes=1000))
+        self._settings = SimpleNamespace(admission=SimpleNamespace(max_request_bytes=1000),
+                                         cors=SimpleNamespace(allow_origins=["https://chat.example.org"]))
         self.calls = []          # (body, request headers)
         self.closed = []         # per call: did its stream end early (what aborts the engine request)?
         self.script = None       # chunks for the next call, or a Response
@@ -246,3 +248,26 @@ def test_closing_the_socket_mid_turn_aborts_the_stream(router):
                 break
             time.sleep(0.02)
     assert router.closed == [True]
+
+
+@pytest.mark.parametrize("origin, admitted", [
+    (None, True),                          # not a browser
+    ("http://testserver", True),           # the page the app serves itself
+    ("https://chat.example.org", True),    # router.cors.allow_origins
+    ("https://evil.example.com", False),   # any other page, through a visitor's browser
+])
+def test_only_the_apps_own_and_allowed_origins_may_open_a_socket(router, origin, admitted):
+    async def endpoint(websocket):
+        await serve_chat_socket(router, websocket)
+
+    app = Starlette(routes=[WebSocketRoute("/v1/chat/ws", endpoint)])
+    headers = {"origin": origin} if origin else {}
+    with TestClient(app) as client:
+        if admitted:
+            with client.websocket_connect("/v1/chat/ws", headers=headers) as ws:
+                ws.send_json({"type": "stop"})
+        else:
+            with pytest.raises(WebSocketDisconnect) as refused:
+                with client.websocket_connect("/v1/chat/ws", headers=headers):
+                    pass
+            assert refused.value.code == 1008

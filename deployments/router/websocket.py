@@ -22,6 +22,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
@@ -152,7 +153,7 @@ async def chat_request(message: dict) -> ChatCompletionRequest:
 
 
 def schema_error(message: str, param: str) -> TurnError:
-    """A 400 for a start message the HTTP API could not have been sent; counted as a schema refusal."""
+    """A 400 for a start message that does not fit the protocol; counted as a schema refusal."""
     metrics.refused_at_door(400, "schema")
     return TurnError(400, message, param=param)
 
@@ -334,7 +335,22 @@ class ChatSocket:
         content.clear()
 
 
+def origin_allowed(headers, allowed: list[str]) -> bool:
+    """Browsers let any page open a socket anywhere (CORS does not apply to WebSockets), so a page from
+    another origin could chat through a visitor's browser; as for the HTTP API, only the app's own
+    origin and the configured ``router.cors.allow_origins`` may. Clients that send no Origin (not
+    browsers) are let in: they could send anything anyway."""
+    origin = headers.get("origin")
+    if origin is None:
+        return True
+    return urlsplit(origin).netloc == headers.get("host") or origin in allowed or "*" in allowed
+
+
 async def serve_chat_socket(router, websocket: WebSocket) -> None:
     """Accept the socket and serve its turns until the client closes it."""
+    cors = getattr(router._settings, "cors", None)
+    if not origin_allowed(websocket.headers, list(getattr(cors, "allow_origins", None) or [])):
+        await websocket.close(code=1008)  # before the handshake: the browser gets a 403
+        return
     await websocket.accept()
     await ChatSocket(router, websocket, router._settings.admission.max_request_bytes).run()
