@@ -271,3 +271,10 @@ def test_only_the_apps_own_and_allowed_origins_may_open_a_socket(router, origin,
                 with client.websocket_connect("/v1/chat/ws", headers=headers):
                     pass
             assert refused.value.code == 1008
+
+
+def test_the_routers_own_error_code_is_kept(socket, router):
+    router.script = openai_error(401, "Incorrect API key provided.", "invalid_request_error", code="invalid_api_key")
+    socket.send_json({"type": "start", "request": HELLO, "api_key": "sk-wrong"})
+    [error] = until_end(socket)
+    assert error["status"] == 401 and error["error"]["code"] == "invalid_api_key"

@@ -57,24 +57,26 @@ class TurnError(Exception):
     """A turn answered with an OpenAI-format error instead of a reply."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None, error_type: str | None = None,
-                 retry_after: str | None = None):
+                 retry_after: str | None = None, code: int | str | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.retry_after = status, message, param, retry_after
         self.error_type = error_type or ERROR_TYPES.get(status, "server_error")
+        self.code = code or status  # OpenAI's code where the router names one (invalid_api_key), else the status
 
     @classmethod
     def from_response(cls, response: Response) -> "TurnError":
         """The router's JSON error answer (any status) as a TurnError, its OpenAI error kept as is."""
         try:
             error = json.loads(bytes(response.body))["error"]
-            message, param, error_type = str(error["message"]), error.get("param"), error.get("type")
+            message, param, error_type, code = (str(error["message"]), error.get("param"), error.get("type"),
+                                                error.get("code"))
         except (ValueError, KeyError, TypeError):
-            message, param, error_type = bytes(response.body).decode("utf-8", "replace")[:500], None, None
+            message, param, error_type, code = bytes(response.body).decode("utf-8", "replace")[:500], None, None, None
         return cls(response.status_code, message, param=param, error_type=error_type,
-                   retry_after=response.headers.get("retry-after"))
+                   retry_after=response.headers.get("retry-after"), code=code)
 
     def message_for(self, turn: int | None) -> dict:
-        error = {"message": self.message, "type": self.error_type, "param": self.param, "code": self.status}
+        error = {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}
         return {"type": "error", "turn": turn, "status": self.status, "message": self.message,
                 "retry_after": self.retry_after, "error": error}
 
