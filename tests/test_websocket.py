@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 
 import httpx
 import pytest
 from websockets.sync.client import connect
+
+from tests.test_log_privacy import files_containing, leak_fragments
 
 pytestmark = pytest.mark.integration
 
@@ -190,3 +193,26 @@ def test_a_message_over_the_body_limit_is_413(base_url):
         assert error["status"] == 413 and error["error"]["code"] == 413
         start(ws, QUESTION, max_tokens=4)
         assert until_end(ws)[-1]["type"] == "done"
+
+
+def test_no_prompt_or_reply_text_of_a_socket_turn_in_the_logs(base_url):
+    # As tests/test_log_privacy.py checks for HTTP: a marked prompt, served, refused and stopped.
+    marker = f"zq{uuid.uuid4().hex[:12]}socket"
+    prompt = [{"role": "user", "content": f"Write one sentence about the blue whale named {marker}."}]
+    with connect(socket_url(base_url)) as ws:
+        start(ws, prompt, max_tokens=24, temperature=0)
+        reply = "".join(m.get("content", "") for m in until_end(ws))
+        start(ws, prompt, temperature=9)  # refused by the router
+        assert until_end(ws)[-1]["status"] == 400
+        ws.send(json.dumps({"type": "start", "request": {"messages": prompt, "n": marker}}))  # by the request model
+        assert until_end(ws)[-1]["status"] == 400
+        start(ws, prompt, max_tokens=200, ignore_eos=True)
+        receive(ws)
+        ws.send(json.dumps({"type": "stop"}))
+        until_end(ws)
+    fragments = leak_fragments(reply)
+    assert fragments, f"reply too short to look for: {reply!r}"
+    time.sleep(3)  # replicas' log handlers write asynchronously
+    assert not files_containing(marker), f"the prompt's marker is logged in {files_containing(marker)}"
+    for fragment in fragments:
+        assert not files_containing(fragment), f"reply text {fragment!r} is logged in {files_containing(fragment)}"

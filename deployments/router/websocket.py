@@ -191,8 +191,8 @@ def sse_events(chunk: str):
         else:
             try:
                 yield json.loads(data)
-            except ValueError:
-                logger.warning("chat socket: an SSE event that is not JSON: %.200s", data)
+            except ValueError:  # never the event itself: it may hold the user's text
+                logger.warning("chat socket: skipped an SSE event that is not JSON (%d characters)", len(data))
 
 
 class ChatSocket:
@@ -274,7 +274,8 @@ class ChatSocket:
                 raise
             await self.send(reply.done(turn, stopped=True))
         except Exception as exc:  # never a dead socket or a stack trace for the client
-            logger.exception("chat socket turn failed")
+            # The type only: an exception's message may quote the user's text, which logs must not hold.
+            logger.error("chat socket turn failed: %s", type(exc).__name__)
             await self.send(TurnError(500, f"internal error: {type(exc).__name__}").message_for(turn))
 
     async def call_router(self, body: ChatCompletionRequest, request: Request) -> StreamingResponse:
