@@ -109,8 +109,8 @@ def test_a_turn_streams_deltas_then_done_with_usage_and_the_router_figures(socke
     assert [m["type"] for m in deltas] == ["delta"] * 3 and "".join(m["content"] for m in deltas) == "Hello!"
     assert done["type"] == "done" and done["turn"] == 1 and done["finish_reason"] == "stop"
     assert done["usage"] == {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15} and done["tokens"] == 3
-    assert done["router"] == {"class": "high", "pool": "main", "queue_wait_ms": "3", "prompt_tokens": "12",
-                              "max_tokens_applied": "16", "replica": "r1"}
+    assert done["router"] == {"class": "high", "pool": "main", "queue_wait_ms": 3.0, "prompt_tokens": 12,
+                              "max_tokens_applied": 16, "replica": "r1"}
     assert done["ttft_ms"] >= 0 and done["duration_ms"] >= done["ttft_ms"]
     assert router.closed == [False]
 

@@ -51,6 +51,7 @@ _UPGRADE_HEADERS = {b"upgrade", b"connection", b"content-length", b"x-request-id
 ROUTER_FIELDS = {"x-priority-class": "class", "x-llm-pool": "pool", "x-queue-wait-ms": "queue_wait_ms",
                  "x-prompt-tokens": "prompt_tokens", "x-max-tokens-applied": "max_tokens_applied",
                  "x-router-replica": "replica"}
+_COUNTS = {"prompt_tokens", "max_tokens_applied"}
 
 
 class TurnError(Exception):
@@ -180,6 +181,19 @@ def http_request(websocket: WebSocket, message: dict, request_id: str) -> Reques
     return Request(scope)
 
 
+def router_figures(headers) -> dict:
+    """The router's headers on a turn's answer as the done message's "router" object, numbers as numbers."""
+    figures = {}
+    for header, name in ROUTER_FIELDS.items():
+        value = headers.get(header)
+        if value is not None:
+            try:
+                figures[name] = float(value) if name == "queue_wait_ms" else int(value) if name in _COUNTS else value
+            except ValueError:
+                figures[name] = value
+    return figures
+
+
 def sse_events(chunk: str):
     """The JSON payloads of one chunk's SSE ``data:`` lines; ``None`` for ``[DONE]``."""
     for line in chunk.splitlines():
@@ -293,8 +307,7 @@ class ChatSocket:
     async def stream(self, turn: int, answer: StreamingResponse, reply: Reply) -> None:
         """Send the answer's events as deltas, then done (or its error); closing the stream early aborts it
         in the engine. Read to its end, so the router settles it as served, not as a client gone."""
-        reply.router = {name: answer.headers[header] for header, name in ROUTER_FIELDS.items()
-                        if header in answer.headers}
+        reply.router = router_figures(answer.headers)
         chunks = answer.body_iterator
         try:
             # Nothing awaited between the router's answer and this loop: a stop lands inside the stream
