@@ -52,6 +52,14 @@ def pytest_terminal_summary(terminalreporter):
 
 
 @pytest.fixture(scope="session")
+def tenants_file(deployed_cluster, base_url, tmp_path_factory):
+    """The session app redeployed with API keys on and two router replicas (``changes_app`` tests only)."""
+    from tests.tenancy_app import deploy_with_keys
+
+    return deploy_with_keys(base_url, tmp_path_factory.mktemp("tenancy"))
+
+
+@pytest.fixture(scope="session")
 def deployed_cluster():
     cluster = DeployedCluster()
     cluster.ready_s = cluster.start()

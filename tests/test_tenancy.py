@@ -264,9 +264,18 @@ def test_renew_corrects_the_ledger_to_what_a_replica_really_holds():
     ledger = Ledger(clock)
     limits = tier(max_concurrent=2)
     from deployments.tenancy.ledger import Amounts
-    ledger.lease("a", limits, Amounts(0, 0, 2), "r1")
-    ledger.renew("r1", {"a": 0})  # a give-back was lost; the replica holds none
+    ledger.lease("a", limits, Amounts(0, 0, 2), "r1", seq=1)
+    ledger.renew("r1", {"a": 0}, seq=2)  # a give-back was lost; the replica holds none
     assert ledger.lease("a", limits, Amounts(0, 0, 2), "r2").granted.slots == 2
+
+
+def test_a_renewal_overtaken_by_a_newer_lease_does_not_erase_it():
+    ledger = Ledger(Clock())
+    limits = tier(max_concurrent=1)
+    from deployments.tenancy.ledger import Amounts
+    ledger.lease("a", limits, Amounts(0, 0, 1), "r1", seq=5)  # sent after the renewal below, applied first
+    ledger.renew("r1", {"a": 0}, seq=4)
+    assert ledger.lease("a", limits, Amounts(0, 0, 1), "r2").granted.slots == 0
 
 
 def test_an_unreachable_ledger_admits_without_limits():

@@ -16,7 +16,8 @@ price of a call per request for that tenant.
 
 Slots (concurrent requests) are recorded per router replica, which renews
 them every ``IDLE_S`` with the count it really holds (so a lost give-back
-corrects itself); a replica silent for ``HOLDER_EXPIRY_S`` (it died) has
+corrects itself; calls are numbered, so a renewal overtaken by a newer lease is
+ignored rather than erasing it); a replica silent for ``HOLDER_EXPIRY_S`` (it died) has
 its slots freed, so a lost replica cannot lock a tenant out.
 
 If the ledger cannot be reached the router admits the request (limits are
@@ -96,12 +97,15 @@ class Ledger:
         self._clock = clock
         self._tenants: Dict[str, _TenantBuckets] = {}
         self._holders: Dict[str, float] = {}  # router replica -> when it last called
+        self._last_seq: Dict[str, int] = {}  # router replica -> the newest call number it sent that we applied
 
-    def _seen(self, holder: str) -> None:
+    def _seen(self, holder: str, seq: int) -> None:
+        self._last_seq[holder] = max(seq, self._last_seq.get(holder, -1))
         now = self._clock()
         self._holders[holder] = now
         for gone in [h for h, at in self._holders.items() if now - at > HOLDER_EXPIRY_S]:
             del self._holders[gone]
+            self._last_seq.pop(gone, None)
             for buckets in self._tenants.values():
                 buckets.slots.pop(gone, None)
             logger.warning("tenant ledger: router replica %s stopped renewing; its slots are freed", gone)
@@ -114,15 +118,19 @@ class Ledger:
         buckets.follow(tier, now)
         return buckets
 
-    def renew(self, holder: str, slots: Dict[str, int]) -> None:
-        """A router replica is alive and holds ``slots`` per tenant (leased, in use or not)."""
-        self._seen(holder)
+    def renew(self, holder: str, slots: Dict[str, int], seq: int) -> None:
+        """A router replica is alive and holds ``slots`` per tenant (leased, in use or not), as of its call
+        ``seq``; ignored when a newer call of it was applied already (the count predates that call)."""
+        stale = seq < self._last_seq.get(holder, -1)
+        self._seen(holder, seq)
+        if stale:
+            return
         for tenant, buckets in self._tenants.items():
             buckets.slots[holder] = slots.get(tenant, 0)
 
-    def lease(self, tenant: str, tier: Tier, want: Amounts, holder: str) -> Grant:
+    def lease(self, tenant: str, tier: Tier, want: Amounts, holder: str, seq: int = 0) -> Grant:
         """Up to ``want`` in each dimension, as much as the buckets hold (whole units)."""
-        self._seen(holder)
+        self._seen(holder, seq)
         now = self._clock()
         buckets = self._buckets(tenant, tier)
         slots = max(0, min(want.slots, tier.max_concurrent - buckets.slots_in_use))
@@ -131,8 +139,8 @@ class Ledger:
                           slots)
         return Grant(granted, buckets.requests.remaining(now), buckets.tokens.remaining(now), buckets.slots_in_use)
 
-    def give_back(self, tenant: str, tier: Tier, amounts: Amounts, holder: str) -> None:
-        self._seen(holder)
+    def give_back(self, tenant: str, tier: Tier, amounts: Amounts, holder: str, seq: int = 0) -> None:
+        self._seen(holder, seq)
         now = self._clock()
         buckets = self._buckets(tenant, tier)
         buckets.requests.give_back(amounts.requests, now)
@@ -146,14 +154,14 @@ class TenantLedger:
     def __init__(self):
         self._ledger = Ledger()
 
-    async def lease(self, tenant: str, tier: Tier, want: Amounts, holder: str) -> Grant:
-        return self._ledger.lease(tenant, tier, want, holder)
+    async def lease(self, tenant: str, tier: Tier, want: Amounts, holder: str, seq: int) -> Grant:
+        return self._ledger.lease(tenant, tier, want, holder, seq)
 
-    async def give_back(self, tenant: str, tier: Tier, amounts: Amounts, holder: str) -> None:
-        self._ledger.give_back(tenant, tier, amounts, holder)
+    async def give_back(self, tenant: str, tier: Tier, amounts: Amounts, holder: str, seq: int) -> None:
+        self._ledger.give_back(tenant, tier, amounts, holder, seq)
 
-    async def renew(self, holder: str, slots: Dict[str, int]) -> None:
-        self._ledger.renew(holder, slots)
+    async def renew(self, holder: str, slots: Dict[str, int], seq: int) -> None:
+        self._ledger.renew(holder, slots, seq)
 
 
 # --- the router's side ----------------------------------------------------------------------------
@@ -212,6 +220,12 @@ class QuotaClient:
         self._local: Dict[str, _Local] = {}
         self._tasks: set[asyncio.Task] = set()
         self._warned_at = -math.inf
+        self._seq = 0  # numbers every call to the ledger
+        self._in_flight = 0  # leases and give-backs sent, not answered
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
 
     def _state(self, caller: Caller) -> _Local:
         local = self._local.get(caller.tenant)
@@ -244,14 +258,17 @@ class QuotaClient:
             requests=max(0, 1 - local.held["requests"]) + chunk(tier.requests_per_minute),
             tokens=max(0, tokens - local.held["tokens"]) + chunk(tier.tokens_per_minute),
             slots=max(0, 1 - local.held["slots"]) + chunk(tier.max_concurrent))
+        self._in_flight += 1
         try:
-            grant = await self._ledger.lease.remote(caller.tenant, tier, want, self._holder)
+            grant = await self._ledger.lease.remote(caller.tenant, tier, want, self._holder, self._next_seq())
         except Exception as exc:
             now = self._clock()
             if now - self._warned_at > 30:
                 self._warned_at = now
                 logger.warning("tenant ledger unreachable; admitting without limits: %s", str(exc)[:200])
             return False
+        finally:
+            self._in_flight -= 1
         local.held["requests"] += grant.granted.requests
         local.held["tokens"] += grant.granted.tokens
         local.held["slots"] += grant.granted.slots
@@ -318,9 +335,11 @@ class QuotaClient:
         while True:
             await asyncio.sleep(IDLE_S)
             self.sweep()
+            if self._in_flight:  # the count would miss what is on its way; renew next time
+                continue
             try:
                 held = {tenant: local.held["slots"] + local.running for tenant, local in self._local.items()}
-                await self._ledger.renew.remote(self._holder, held)
+                await self._ledger.renew.remote(self._holder, held, self._next_seq())
             except Exception:
                 logger.debug("tenant ledger renew failed", exc_info=True)
 
@@ -333,7 +352,10 @@ class QuotaClient:
         task.add_done_callback(self._tasks.discard)
 
     async def _send_back(self, tenant: str, tier: Tier, amounts: Amounts) -> None:
+        self._in_flight += 1
         try:
-            await self._ledger.give_back.remote(tenant, tier, amounts, self._holder)
+            await self._ledger.give_back.remote(tenant, tier, amounts, self._holder, self._next_seq())
         except Exception:  # lost tokens refill on their own; lost slots are freed when this replica expires
             logger.warning("could not give quota back to the tenant ledger", exc_info=True)
+        finally:
+            self._in_flight -= 1
