@@ -27,14 +27,14 @@ import random
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.priority_flood import BASE_URL, percentile, short_chat  # noqa: E402
+from bench.priority_flood import BASE_URL, percentile, print_ratios, short_chat, write_json  # noqa: E402
 from deployments.tenancy.tenants import digest  # noqa: E402
 
 KEYS = {"A": "sk-bench-tenant-a-" + "a" * 24, "B": "sk-bench-tenant-b-" + "b" * 24}
@@ -224,13 +224,10 @@ def main() -> None:
     rows = summarise(samples)
     summary = ratios(rows)
     print(table(rows))
-    for name, value in summary.items():
-        print(f"{name}: {'-' if value is None else f'{value:.2f}'}")
+    print_ratios(summary)
     args.out.mkdir(parents=True, exist_ok=True)
     plot(samples, args.out / "fairness.png")
-    (args.out / "fairness.json").write_text(json.dumps(
-        {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows, "ratios": summary,
-         "samples": [asdict(s) for s in samples]}, indent=1))
+    write_json(args.out / "fairness.json", args, rows, summary, samples=samples)
 
 
 if __name__ == "__main__":

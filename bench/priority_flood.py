@@ -265,12 +265,21 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     print(table(rows))
     summary = ratios(rows)
+    print_ratios(summary)
+    plot(results, args.out / "priority_flood.png")
+    write_json(args.out / "priority_flood.json", args, rows, summary, results=results)
+
+
+def print_ratios(summary: dict) -> None:
     for name, value in summary.items():
         print(f"{name}: {'-' if value is None else f'{value:.2f}'}")
-    plot(results, args.out / "priority_flood.png")
-    (args.out / "priority_flood.json").write_text(json.dumps(
-        {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows, "ratios": summary,
-         "results": [asdict(r) for r in results]}, indent=1))
+
+
+def write_json(path: Path, args, rows: list[dict], summary: dict, **records) -> None:
+    """A run's arguments, table rows, ratios and raw records (dataclasses), for replotting and docs."""
+    path.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
+                                "ratios": summary, **{k: [asdict(r) for r in v] for k, v in records.items()}},
+                               indent=1))
 
 
 if __name__ == "__main__":

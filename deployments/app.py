@@ -72,4 +72,6 @@ def _tenant_ledger(keys_file):
     # Fixed at one replica: it holds the buckets (listed so the app's autoscaling policy leaves it be).
     return serve.deployment(TenantLedger, name=TENANT_LEDGER_DEPLOYMENT,
                             ray_actor_options={"num_cpus": 0.05},
+                            # Each router replica renews every second: no access-log line per call.
+                            logging_config={"enable_access_log": False},
                             autoscaling_config={"min_replicas": 1, "max_replicas": 1, **NO_SERVE_DELAYS}).bind()
