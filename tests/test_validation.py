@@ -57,3 +57,16 @@ def test_chat_template_kwargs_may_not_reset_the_template_arguments():
     assert check_chat_template_kwargs({"messages": []}).param == "chat_template_kwargs"
     assert check_chat_template_kwargs({"enable_thinking": True}) is None
     assert check_chat_template_kwargs(None) is None
+
+
+def test_empty_parts_as_parsed_by_the_request_model_are_refused_and_parts_survive_the_check():
+    # vLLM's message types keep parts as a one-shot iterator; `content: []` used to pass as 200.
+    from deployments.router.request_models import ChatCompletionRequest
+
+    empty = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": []}]})
+    problem = check_chat_messages(empty.messages)
+    assert problem is not None and problem.param == "messages[0].content"
+    parts = [{"type": "text", "text": "What is the capital"}, {"type": "text", "text": " of France?"}]
+    body = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": parts}]})
+    assert check_chat_messages(body.messages) is None
+    assert body.model_dump()["messages"][0]["content"] == parts  # checked, and still whole for the engine

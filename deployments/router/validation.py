@@ -28,6 +28,9 @@ def check_chat_messages(messages: Iterable[Mapping[str, Any]]) -> RequestProblem
     if not messages:
         return RequestProblem("'messages' must contain at least one message", "messages")
     for index, message in enumerate(messages):
+        problem = _materialise_content(index, message)
+        if problem is not None:
+            return problem
         problem = check_role_and_parts(index, message)
         if problem is not None:
             return problem
@@ -37,6 +40,24 @@ def check_chat_messages(messages: Iterable[Mapping[str, Any]]) -> RequestProblem
             return RequestProblem(
                 f"messages[{index}] has role {role!r} but no 'content'", f"messages[{index}].content"
             )
+    return None
+
+
+def _materialise_content(index: int, message) -> RequestProblem | None:
+    """Turn a content given as parts into a list, in place.
+
+    vLLM's message types declare parts as an ``Iterable``, which pydantic keeps as a one-shot lazy
+    iterator: ``content == []`` is never true of it and checking its parts would consume them. A list
+    can be checked here and still reaches the engine whole.
+    """
+    content = message.get("content") if isinstance(message, dict) else None
+    if content is None or isinstance(content, (str, list)):
+        return None
+    try:
+        message["content"] = list(content)
+    except Exception as exc:  # a part pydantic refuses while iterating
+        return RequestProblem(f"Invalid value for 'messages[{index}].content': {str(exc)[:300]}",
+                              f"messages[{index}].content")
     return None
 
 
