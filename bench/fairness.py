@@ -98,7 +98,12 @@ async def one(client, phase, tenant, model, i, max_tokens) -> Sample:
         async with client.stream("POST", "/v1/chat/completions", json=body,
                                  headers={"Authorization": f"Bearer {KEYS[tenant]}"}) as stream:
             status = stream.status_code
+            if status != 200:  # a JSON error, not a stream
+                await stream.aread()
+                return Sample(phase, tenant, sent, status, None, 0, time.monotonic())
             async for line in stream.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
                 if ttft is None and '"content"' in line:
                     ttft = time.monotonic() - sent
                 if '"completion_tokens"' in line:
