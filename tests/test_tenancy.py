@@ -369,3 +369,14 @@ def test_scheduler_lets_a_light_tenant_start_next_and_settles_its_charge():
         assert scheduler.counter.of("light") == before - 2 * 56
 
     asyncio.run(scenario())
+
+
+def test_a_light_tenants_forecast_counts_its_turn_not_the_heavy_backlog():
+    counter = VirtualTokenCounter()
+    queue = FairQueue(counter)
+    for i in range(10):
+        queue.append(W("heavy", i))
+    assert queue.ahead_of("light") == 1  # one heavy turn, then its own
+    assert queue.ahead_of("heavy") == 10
+    queue.fair = False
+    assert queue.ahead_of("light") == 10

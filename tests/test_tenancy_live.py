@@ -12,6 +12,7 @@ are asserted, never a time.
 from __future__ import annotations
 
 import asyncio
+import json
 import statistics
 import time
 from pathlib import Path
@@ -245,3 +246,26 @@ def test_fair_sharing_gives_a_light_tenant_its_turn_before_a_heavy_ones_backlog(
     # Under FIFO each light request waits out the heavy backlog, so few fit in the phase.
     assert len(results["fair"]) >= 3 and len(results["fifo"]) >= 1, summary
     assert p99(results["fair"]) < p99(results["fifo"]), summary
+
+
+# --- the web chat socket ----------------------------------------------------------------------------------------
+
+def test_the_chat_socket_takes_its_key_from_the_first_message_or_its_header_never_the_url(base_url, model_id,
+                                                                                          tenants_file):
+    from websockets.sync.client import connect
+
+    from tests.test_websocket import QUESTION, socket_url, until_end
+
+    def turn(ws, **start):
+        ws.send(json.dumps({"type": "start", "request": {"messages": QUESTION, "max_tokens": 4}, **start}))
+        return until_end(ws)[-1]
+
+    with connect(socket_url(base_url)) as ws:
+        refused = turn(ws)
+        assert refused["type"] == "error" and refused["status"] == 401
+        assert turn(ws, api_key="sk-wrong")["status"] == 401
+        assert turn(ws, api_key=KEYS["light"])["type"] == "done"
+    with connect(socket_url(base_url), additional_headers=auth("light")) as ws:
+        assert turn(ws)["type"] == "done"
+    with connect(socket_url(base_url) + f"?api_key={KEYS['light']}") as ws:
+        assert turn(ws)["status"] == 401

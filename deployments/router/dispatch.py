@@ -154,7 +154,7 @@ class RequestLife:
         try:
             if started and output_tokens is not None:
                 produced = cost(self.plan.prompt_tokens, output_tokens)
-                self.pool.scheduler.settle(tenant.tenant if tenant else "", produced - self.plan.cost)
+                self.pool.scheduler.settle(self._tenant, produced - self.plan.cost)
             if tenant is not None:
                 tenant.finished(status, self.plan.prompt_tokens, output_tokens, started)
         except Exception:  # bookkeeping must never fail a request
@@ -182,6 +182,10 @@ class RequestLife:
         metrics.engine_work(pool, cls, prompt_tokens=self.plan.prompt_tokens, output_tokens=output_tokens,
                             served=served, ttft_s=ttft, tpot_s=tpot, e2e_s=now - arrived if served else None,
                             within_slo=within, wasted_reason=None if served else reason)
+
+    @property
+    def _tenant(self) -> str:
+        return self.plan.tenant.tenant if self.plan.tenant else ""
 
     async def run(self, call: Callable[[], Awaitable[Response]]) -> Response:
         try:
@@ -215,7 +219,7 @@ class RequestLife:
             reason, retry_after = unavailable
             return self._error(503, reason, reason="circuit_open" if getattr(self.pool, "ready", True) else "loading",
                                **{"retry-after": str(retry_after)})
-        forecast = self.pool.forecast(self.plan.cls, self.plan.max_tokens)
+        forecast = self.pool.forecast(self.plan.cls, self.plan.max_tokens, self._tenant)
         budgets, now, within = self.plan.budgets, self._clock(), self._settings.admit_within
         if not admits(forecast, budgets.start_by - now, within):
             return self._error(
@@ -237,11 +241,10 @@ class RequestLife:
     async def _acquire(self) -> float | Response:
         start_s = self.plan.budgets.start_by - self._clock()
         try:
-            tenant = self.plan.tenant.tenant if self.plan.tenant else ""
-            return await self.pool.scheduler.acquire(self.plan.cls, start_s, self.plan.max_tokens, tenant,
+            return await self.pool.scheduler.acquire(self.plan.cls, start_s, self.plan.max_tokens, self._tenant,
                                                      self.plan.cost)
         except QueueFull as full:
-            forecast = self.pool.forecast(self.plan.cls, self.plan.max_tokens)
+            forecast = self.pool.forecast(self.plan.cls, self.plan.max_tokens, self._tenant)
             return self._error(429, f"{full}; retry later", reason="shed" if isinstance(full, Shed) else "queue_full",
                                **{"retry-after": str(forecast.retry_after_s)})
         except QueueTimeout as late:
@@ -250,7 +253,7 @@ class RequestLife:
                 return self._error(504, f"X-Request-Timeout of {budgets.start_deadline_s:.0f}s passed while "
                                         f"queued ({late}); no engine work was spent", reason="client_timeout_queued")
             # Never started: a refusal for load, like a shed, not a server fault.
-            forecast = self.pool.forecast(self.plan.cls, self.plan.max_tokens)
+            forecast = self.pool.forecast(self.plan.cls, self.plan.max_tokens, self._tenant)
             return self._error(429, f"the {self.plan.cls.label} class could not start within its start deadline "
                                     f"of {budgets.start_deadline_s:.0f}s ({late}); no engine work was spent; "
                                     "retry later", reason="queue_expired", **{"retry-after": str(forecast.retry_after_s)})

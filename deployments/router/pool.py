@@ -120,14 +120,14 @@ class PoolState:
         judged at the 50 ms SLO (12.8 s per request where it took 1.5 s) and 52 of 128 were refused."""
         return max_tokens * (self._last_tpot_s or self.queue_settings.targets(cls).tpot_s)
 
-    def forecast(self, cls: PriorityClass, max_tokens: int) -> WaitForecast:
+    def forecast(self, cls: PriorityClass, max_tokens: int, tenant: str = "") -> WaitForecast:
         """Predicted wait for a slot of a new request of ``cls``, among requests like it.
 
         While the engine has measured headroom (idle, or TPOT well under the SLO) the window is about to
         grow, so the wait is predicted with the window where it is heading (the batch at which the
         measured TPOT would reach the SLO, or its bound before that is known); otherwise as it is.
         """
-        return self._forecast(cls, self.scheduler.ahead_of(cls), self.service_s(cls, max_tokens))
+        return self._forecast(cls, self.scheduler.ahead_of(cls, tenant), self.service_s(cls, max_tokens))
 
     def _forecast(self, cls: PriorityClass, ahead: int, service_s: float) -> WaitForecast:
         if self.scheduler.free_slots(cls) > ahead:

@@ -134,9 +134,10 @@ class PriorityScheduler:
     def running(self, cls: PriorityClass) -> int:
         return self._running[cls]
 
-    def ahead_of(self, cls: PriorityClass) -> int:
-        """Requests that start before a new one of ``cls``: those queued in it and in more urgent classes."""
-        return sum(len(self._queues[c]) for c in PriorityClass if c <= cls)
+    def ahead_of(self, cls: PriorityClass, tenant: str = "") -> int:
+        """Requests that start before a new one of ``cls`` from ``tenant``: those queued in more urgent
+        classes, and in its own class those ahead of it (all, or under fair sharing its turn among tenants)."""
+        return sum(len(self._queues[c]) for c in PriorityClass if c < cls) + self._queues[cls].ahead_of(tenant)
 
     def window_bound(self) -> bool:
         """Does some waiter wait only because the window is full (not for its class cap or a yield)?"""

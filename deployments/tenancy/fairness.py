@@ -91,6 +91,15 @@ class FairQueue(Generic[W]):
         """Waiters in the order they would start (if nothing else arrived or finished)."""
         return iter(sorted((w for q in self._by_tenant.values() for w in q), key=self._rank_waiter))
 
+    def ahead_of(self, tenant: str) -> int:
+        """About how many waiters start before a new one of ``tenant``: all of them in arrival order; under
+        fair sharing its own backlog and, from each other tenant, at most one more than that (the turns
+        VTC gives them meanwhile), so a light tenant's wait is not forecast as the heavy one's backlog."""
+        if not self.fair:
+            return self._size
+        own = len(self._by_tenant.get(tenant, ()))
+        return own + sum(min(len(q), own + 1) for t, q in self._by_tenant.items() if t != tenant)
+
     def append(self, waiter: W) -> None:
         queue = self._by_tenant.get(waiter.tenant)
         if not queue:
