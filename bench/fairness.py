@@ -67,13 +67,14 @@ def write_tenants(path: Path, sharing: str) -> None:
 def deploy(profile: str, tenants_path: Path) -> str:
     from ray import serve
 
-    from deployments.app import build_app
-    from deployments.config.app_args import AppArgs, load_serve_config
+    from deployments.app import build_app_with_router
+    from deployments.config.app_args import AppArgs, load_serve_config, router_entry
 
-    args = copy.deepcopy(load_serve_config()["applications"][0]["args"])
-    args["profile"] = profile
-    args["router"]["tenancy"] = {"keys_file": str(tenants_path), "reload_s": 0.5}
-    serve.run(build_app(args), name="bench", route_prefix="/", blocking=False)
+    app = copy.deepcopy(load_serve_config()["applications"][0])
+    args = {**app["args"], "profile": profile}
+    router = router_entry(app)["user_config"]
+    router["tenancy"] = {"keys_file": str(tenants_path), "reload_s": 0.5}
+    serve.run(build_app_with_router(args, router), name="bench", route_prefix="/", blocking=False)
     model = AppArgs.model_validate(args).primary.model_id
     body = {"model": model, "messages": short_chat(0), "max_tokens": 2}
     deadline = time.monotonic() + 600

@@ -99,7 +99,7 @@ METRICS_REPORT_MS = 1000
 TALLY_DIR = f"/tmp/gpu_overload_tally_{TARGET}"
 EP_DIR = f"/tmp/gpu_overload_ep_{TARGET}"
 POOL = "main"
-# The router's classes (serve_config.yaml args.router): thresholds and SLOs, used to score both targets alike.
+# The router's classes (serve_config.yaml, the Router's user_config): thresholds and SLOs, used to score both targets alike.
 HIGH_BELOW, MEDIUM_BELOW = 128, 2048
 SLO = {"high": (1.0, 0.05), "medium": (3.0, 0.05), "low": (60.0, 0.05)}  # (TTFT s, TPOT s)
 HDRS = ("x-priority-class", "x-queue-wait-ms", "x-llm-pool", "x-prompt-tokens", "x-max-tokens-applied", "retry-after")
@@ -391,9 +391,11 @@ import ray  # noqa: E402
 import yaml  # noqa: E402
 from ray import serve  # noqa: E402
 
+from deployments.config.app_args import router_entry  # noqa: E402
+
 log("gpu before:", gpu())
 cfg = cfgmod.derive_serve_config(REPO / "serve_config.yaml", MODEL_DIR)
-res["serve_config_args_router"] = cfg["applications"][0]["args"]["router"]
+res["serve_config_router_user_config"] = router_entry(cfg["applications"][0])["user_config"]
 res["engine_kwargs"] = cfg["applications"][0]["args"]["profiles"][cfgmod.PROFILE]["llm_config"]["engine_kwargs"]
 os.makedirs(OUT, exist_ok=True)
 with open(os.path.join(OUT, "serve_gpu.yaml"), "w") as f:

@@ -571,8 +571,9 @@ def start_target() -> tuple[str, object]:
     cfg = cfgmod.derive_serve_config(REPO / "serve_config.yaml", MODEL_DIR)
     os.makedirs(OUT, exist_ok=True)
     ep_dir = f"/tmp/gpu_streaming_ep_{TARGET}"
-    if TARGET == "ours" and os.environ.get("ROUTERS"):  # router replicas from the start (args, as a profile sets)
-        cfg["applications"][0]["args"]["router"]["deployment"]["autoscaling_config"] = {
+    if TARGET == "ours" and os.environ.get("ROUTERS"):  # router replicas from the start (the Router's entry)
+        from deployments.config.app_args import router_entry
+        router_entry(cfg["applications"][0])["autoscaling_config"] = {
             "min_replicas": int(os.environ["ROUTERS"]), "max_replicas": int(os.environ["ROUTERS"])}
     if TARGET == "ours":  # the project's own stat-logger plugin, as `pip install -e .` registers it
         cfgmod.register_stat_loggers(ep_dir, {"llm_serving_engine_load":

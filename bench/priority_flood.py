@@ -187,16 +187,19 @@ def deploy(target: str, profile_name: str):
     from ray import serve
     from ray.serve.llm import build_openai_app
 
-    from deployments.app import build_app
-    from deployments.config.app_args import AppArgs, load_serve_config
+    from deployments.app import build_app_with_router
+    from deployments.config.app_args import AppArgs, load_serve_config, router_entry
 
-    args = copy.deepcopy(load_serve_config()["applications"][0]["args"])
+    config_app = copy.deepcopy(load_serve_config()["applications"][0])
+    args = config_app["args"]
     args["profile"] = profile_name
+    router = router_entry(config_app)["user_config"]  # the router's settings as serve_config.yaml sets them
     if target == "ours":
-        app = build_app(args)
+        app = build_app_with_router(args, router)
     elif target == "ours-split":
         # The same router with the low class on its own engine (and core).
-        app = build_app({**{k: v for k, v in args.items() if k != "profile"}, "layout": SPLIT_LAYOUT})
+        app = build_app_with_router({**{k: v for k, v in args.items() if k != "profile"}, "layout": SPLIT_LAYOUT},
+                                    router)
     else:
         # The stock app: same model, engine and replica resources, first-come-first-served.
         llm_config = AppArgs.model_validate(args).primary.to_llm_config()

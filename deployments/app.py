@@ -2,12 +2,13 @@
 
 Reads the ``args`` of serve_config.yaml, builds one LLM deployment per pool of
 the selected profile or layout with ray.serve.llm, and puts the router in
-front of them.
+front of them, beside the tenants' quota ledger. The router's settings come
+from its deployment's ``user_config`` (deployments/config/app_args.py says why).
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from ray import serve
 from ray.serve.deployment import Application
@@ -17,10 +18,10 @@ from ray.llm._internal.serve.core.configs.openai_api_models import to_model_meta
 from deployments.config.app_args import AppArgs
 from deployments.config.names import ROUTER_DEPLOYMENT, TENANT_LEDGER_DEPLOYMENT, deployment_name_prefix
 from deployments.router.ingress import router_ingress_class
-from deployments.router.tenants import OPEN_WARNING
+from deployments.router.pools import PoolRoute
+from deployments.router.settings import RouterSettings
 from deployments.server.llm_server import ObservedLLMServer
 from deployments.tenancy.ledger import TenantLedger
-from deployments.tenancy.tenants import load as load_tenants
 
 
 # Serve wraps an application-level policy in its own per-deployment up/down
@@ -37,38 +38,43 @@ def without_serve_delays(deployment_options: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def build_app(args: Dict[str, Any]) -> Application:
+    """The application for ``args`` (serve_config.yaml's; raises pydantic.ValidationError when they do not
+    validate). The router's settings are not among them: Serve passes the Router entry's ``user_config``
+    to the router replicas (``Router.reconfigure``). Serve calls builders with exactly one argument."""
+    return build_app_with_router(args, None)
+
+
+def build_app_with_router(args: Dict[str, Any], router_settings: Optional[Dict[str, Any]]) -> Application:
+    """``build_app`` for callers that build the app in Python (``serve.run``) and so have no config
+    ``deployments`` entry: ``router_settings`` is the Router's user_config (validated here); None: the
+    config's entry, or the defaults."""
     app_args = AppArgs.model_validate(args)
-    pool_apps, pool_routes, llm_configs = {}, [], {}
+    router_options = without_serve_delays(app_args.router_deployment)
+    if router_settings is not None:
+        router_options["user_config"] = RouterSettings.model_validate(router_settings).model_dump(mode="json")
+    pool_apps, llm_configs = {}, {}
     for pool in app_args.pools:
         llm_config = llm_configs[pool.name] = pool.as_profile().to_llm_config(server_cls=ObservedLLMServer)
         llm_config.deployment_config = without_serve_delays(llm_config.deployment_config)
         pool_apps[pool.name] = build_llm_deployment(llm_config, name_prefix=deployment_name_prefix(pool.name))
-        pool_routes.append({"name": pool.name, "classes": pool.classes, "max_model_len": pool.profile.max_model_len,
-                            "engine_priority": pool.profile.engine_priority,
-                            "queues": app_args.queue_settings(pool.profile).model_dump()})
-    primary = app_args.pools[0].name
-    primary_config = llm_configs[primary]  # all pools serve this one model
+    primary_config = llm_configs[app_args.pools[0].name]  # all pools serve this one model
     model_id = primary_config.model_id
-    router = app_args.router
-    router_cls = router_ingress_class(router.admission.max_request_bytes, router.tenancy, router.cors)
-    return serve.deployment(router_cls, name=ROUTER_DEPLOYMENT, **without_serve_delays(app_args.router_deployment)).bind(
+    return serve.deployment(router_ingress_class(), name=ROUTER_DEPLOYMENT, **router_options).bind(
         # OpenAiIngress keys replicas by model; the router picks among the pools itself.
-        llm_deployments={model_id: pool_apps[primary]},
+        llm_deployments={model_id: pool_apps[app_args.pools[0].name]},
         model_cards={model_id: to_model_metadata(model_id, primary_config)},
         pool_deployments=pool_apps,
-        pool_routes=pool_routes,
-        router_settings=router.model_dump(exclude={"deployment"}),
+        pool_routes=[PoolRoute(pool.name, frozenset(pool.classes), pool.profile.max_model_len,
+                               pool.profile.engine_priority) for pool in app_args.pools],
+        queue_overrides={pool.name: pool.profile.router_queues for pool in app_args.pools},
         tokenizer_source=primary_config.model_loading_config.model_source,
-        tenant_ledger=_tenant_ledger(router.tenancy.keys_file),
+        tenant_ledger=_tenant_ledger(),
     )
 
 
-def _tenant_ledger(keys_file):
-    """The quota every router replica leases from; only with keys. Without them, say loudly that it is open."""
-    if keys_file is None:
-        print(f"WARNING: {OPEN_WARNING}", flush=True)
-        return None
-    load_tenants(keys_file)  # a missing or malformed tenants file fails the deploy, not the first request
+def _tenant_ledger():
+    """The quota every router replica leases from. Always deployed (one small replica), so that keys can
+    be switched on in the router's user_config without a redeploy of anything else."""
     # Fixed at one replica: it holds the buckets (listed so the app's autoscaling policy leaves it be).
     return serve.deployment(TenantLedger, name=TENANT_LEDGER_DEPLOYMENT,
                             ray_actor_options={"num_cpus": 0.05},

@@ -1,8 +1,8 @@
 """The app with API keys on, as the tenancy tests deploy it: tenants, tiers, keys and the redeploy.
 
 Shared by tests/test_tenancy_live.py, test_two_routers_live.py and the socket tests through
-conftest's session fixture ``tenants_file``: an ``args`` change gives every deployment a new
-code version in Serve (the engine restarts), so the app is redeployed once for all of them.
+conftest's session fixture ``tenants_file``: keys and router replicas are the Router entry's
+``user_config`` and options, so the redeploy leaves the engine running.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from deployments.config.app_args import load_serve_config
+from deployments.config.app_args import load_serve_config, router_entry
 from deployments.tenancy.tenants import digest
 from tests.cluster import app_status, redeploy, wait_for
 
@@ -60,9 +60,9 @@ def deploy_with_keys(base_url: str, folder: Path) -> Path:
     path = folder / "tenants.yaml"
     write_tenants(path, tenants_doc())
     config = copy.deepcopy(load_serve_config())
-    router = config["applications"][0]["args"]["router"]
-    router["tenancy"] = {"keys_file": str(path), "reload_s": RELOAD_S}
-    router["deployment"]["autoscaling_config"] = {"min_replicas": 2, "max_replicas": 2}
+    router = router_entry(config["applications"][0])  # user_config and options: the engines keep running
+    router["user_config"]["tenancy"] = {"keys_file": str(path), "reload_s": RELOAD_S}
+    router["autoscaling_config"] = {"min_replicas": 2, "max_replicas": 2}
     config_path = folder / "serve_tenancy.yaml"
     config_path.write_text(yaml.safe_dump(config))
     redeploy(str(config_path))

@@ -5,18 +5,24 @@ from __future__ import annotations
 import copy
 
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from deployments.router.settings import PriorityClass as P
-from deployments.config.app_args import AppArgs, load_serve_config
+from deployments.config.app_args import AppArgs, ServedApp, load_serve_config
 from deployments.models.embedded import EmbeddedModelError
 
 GPU_PROFILE = "qwen2.5-7b-4090d-tp1-fp16"
 
 
 @pytest.fixture
-def args() -> dict:
-    return copy.deepcopy(load_serve_config()["applications"][0]["args"])
+def config_app() -> dict:
+    return copy.deepcopy(load_serve_config()["applications"][0])
+
+
+@pytest.fixture
+def args(config_app) -> dict:
+    return config_app["args"]
 
 
 def test_default_profile_is_the_embedded_cpu_model(args):
@@ -66,26 +72,26 @@ def test_missing_embedded_model_gives_the_prepare_command(args, tmp_path, monkey
         profile.to_llm_config()
 
 
-def test_a_profile_overrides_the_routers_queue_settings_for_its_pools(args):
-    app_args = AppArgs.model_validate(args)
-    cpu = app_args.queue_settings(app_args.profiles["embedded-cpu"])
-    gpu = app_args.queue_settings(app_args.profiles[GPU_PROFILE])
+def test_a_profile_overrides_the_routers_queue_settings_for_its_pools(config_app):
+    app = ServedApp.from_config_app(config_app)
+    cpu = app.queue_settings(app.args.profiles["embedded-cpu"])
+    gpu = app.queue_settings(app.args.profiles[GPU_PROFILE])
     assert cpu.max_in_flight_per_class == {"low": 1}
     assert cpu.yield_to_high == {"low": 1}
     assert gpu.max_in_flight_per_class["low"] == 2 and gpu.yield_to_high == {}
-    assert gpu.classes == app_args.router.queues.classes  # the 4090D profiles keep web chat's SLO
+    assert gpu.classes == app.router.queues.classes  # the 4090D profiles keep web chat's SLO
     assert gpu.targets(P.HIGH).ttft_s == 1.0 and gpu.tightest_tpot_s == 0.05
     assert cpu.targets(P.MEDIUM).ttft_s > gpu.targets(P.MEDIUM).ttft_s  # a 2k prefill on one CPU core
     assert cpu.tightest_tpot_s == 0.1 and cpu.targets(P.LOW).start_deadline_s == gpu.targets(P.LOW).start_deadline_s
     assert cpu.window == gpu.window  # one window setting; what it settles at is measured
 
 
-def test_a_profile_may_override_one_field_of_one_class(args):
+def test_a_profile_may_override_one_field_of_one_class(config_app, args):
     args["profiles"][GPU_PROFILE]["router_queues"] = {"classes": {"low": {"start_deadline_s": 60}}}
-    app_args = AppArgs.model_validate(args)
-    gpu = app_args.queue_settings(app_args.profiles[GPU_PROFILE])
+    app = ServedApp.from_config_app(config_app)
+    gpu = app.queue_settings(app.args.profiles[GPU_PROFILE])
     assert gpu.targets(P.LOW).start_deadline_s == 60 and gpu.targets(P.LOW).ttft_s == 60.0
-    assert gpu.targets(P.HIGH) == app_args.router.queues.targets(P.HIGH)
+    assert gpu.targets(P.HIGH) == app.router.queues.targets(P.HIGH)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -95,10 +101,27 @@ def test_a_profile_may_override_one_field_of_one_class(args):
     ({"yield_to_high": {"high": 1}}, "yield_to_high"),
     ({"max_in_fligth": 4}, "max_in_fligth"),
 ])
-def test_bad_profile_queue_overrides_are_refused(args, override, message):
+def test_bad_profile_queue_overrides_are_refused(config_app, args, override, message):
     args["profiles"][GPU_PROFILE]["router_queues"] = override
     with pytest.raises(ValidationError, match=message):
+        ServedApp.from_config_app(config_app)
+
+
+def test_router_settings_are_the_routers_user_config_not_args(config_app, args):
+    """Serve hashes `args` into every deployment's code version: router settings there would restart
+    the engines on every edit, so they are refused there with a pointer to where they live."""
+    router = next(d for d in config_app["deployments"] if d["name"] == "Router")
+    assert ServedApp.from_config_app(config_app).router.queues.capacity == router["user_config"]["queues"]["capacity"]
+    args["router"] = {"queues": {"capacity": {"high": 1, "medium": 1, "low": 1}}}
+    with pytest.raises(ValidationError, match="user_config"):
         AppArgs.model_validate(args)
+
+
+def test_bad_router_settings_are_refused_offline(config_app):
+    router = next(d for d in config_app["deployments"] if d["name"] == "Router")
+    router["user_config"]["queues"]["capacity"]["high"] = "lots"
+    with pytest.raises(ValidationError, match="capacity"):
+        ServedApp.from_config_app(config_app)
 
 
 def test_streaming_gpu_profiles_run_several_router_replicas_and_the_cpu_one_keeps_one(args):
@@ -107,7 +130,19 @@ def test_streaming_gpu_profiles_run_several_router_replicas_and_the_cpu_one_keep
     args["profile"] = GPU_PROFILE
     gpu = AppArgs.model_validate(args).router_deployment
     assert gpu["autoscaling_config"]["min_replicas"] == gpu["autoscaling_config"]["max_replicas"] == 4
-    assert gpu["max_ongoing_requests"] == cpu["max_ongoing_requests"]  # the rest of router.deployment stays
+    assert gpu["max_ongoing_requests"] == cpu["max_ongoing_requests"]  # the rest of the options stays
     del args["profile"]
     args["layout"] = "4090d-mixed"  # a layout: the largest of its pools' profiles
     assert AppArgs.model_validate(args).router_deployment["autoscaling_config"]["max_replicas"] == 4
+
+
+def test_the_offline_check_passes_the_shipped_config_and_names_what_is_wrong(config_app, tmp_path, capsys):
+    from deployments.config.app_args import SERVE_CONFIG_PATH, main
+
+    assert main([str(SERVE_CONFIG_PATH)]) == 0
+    router = next(d for d in config_app["deployments"] if d["name"] == "Router")
+    router["user_config"]["queues"]["window"]["min"] = 0
+    bad = tmp_path / "serve_bad.yaml"
+    bad.write_text(yaml.safe_dump({"applications": [config_app]}))
+    assert main([str(bad)]) == 1
+    assert "window.min" in capsys.readouterr().err

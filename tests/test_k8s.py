@@ -12,7 +12,7 @@ import jsonschema
 import pytest
 import yaml
 
-from deployments.config.app_args import AppArgs, load_serve_config
+from deployments.config.app_args import AppArgs, ServedApp, load_serve_config
 
 ROOT = Path(__file__).resolve().parents[1]
 KUBERAY = ROOT.parent / "shared" / "kuberay"
@@ -121,24 +121,30 @@ def test_serve_config_v2_passes_rays_schema_and_selects_gpus(name):
     assert all(pool.profile.llm_config["accelerator_config"]["kind"] == "gpu" for pool in args.pools)
 
 
+def served(name: str) -> ServedApp:
+    return ServedApp.from_config_app(embedded_serve_config(name)["applications"][0])
+
+
 def cluster_only_settings(name: str) -> dict:
     """What serveConfigV2 sets beyond serve_config.yaml: {path: value}."""
-    args = AppArgs.model_validate(embedded_serve_config(name)["applications"][0]["args"])
-    served = {args.profile} if args.profile else {p.profile for p in args.layouts[args.layout].pools.values()}
+    app = served(name)
+    args = app.args
+    served_profiles = {args.profile} if args.profile else {p.profile for p in args.layouts[args.layout].pools.values()}
     graceful = longest_stream_s(embedded_serve_config(name))
-    app = ("applications", 0, "args")
-    routers = args.router_deployment.get("autoscaling_config", {}).get("max_replicas", 1)
+    where = ("applications", 0, "args")
+    router = ("applications", 0, "deployments", 0)  # the Router entry, first in serve_config.yaml
+    routers = app.router_deployment.get("autoscaling_config", {}).get("max_replicas", 1)
     settings = {("http_options", "host"): "0.0.0.0",
-                (*app, "router", "deployment", "graceful_shutdown_timeout_s"): graceful,
+                (*router, "graceful_shutdown_timeout_s"): graceful,
                 # at least two routers, at most half of them on one node
-                (*app, "router", "deployment", "max_replicas_per_node"): -(-max(routers, 2) // 2),
+                (*router, "max_replicas_per_node"): -(-max(routers, 2) // 2),
                 # the tenants file from the key Secret's mount (tests/test_k8s_tenancy.py)
-                (*app, "router", "tenancy", "keys_file"): "/etc/llm-serving/tenancy/tenants.yaml"}
+                (*router, "user_config", "tenancy", "keys_file"): "/etc/llm-serving/tenancy/tenants.yaml"}
     if routers < 2:
-        settings[(*app, "router", "deployment", "autoscaling_config")] = {
-            **args.router.deployment.get("autoscaling_config", {}), "min_replicas": 2, "max_replicas": 2}
-    for profile in served:
-        settings[(*app, "profiles", profile, "llm_config", "deployment_config", "graceful_shutdown_timeout_s")] = \
+        settings[(*router, "autoscaling_config")] = {
+            **args.router_deployment.get("autoscaling_config", {}), "min_replicas": 2, "max_replicas": 2}
+    for profile in served_profiles:
+        settings[(*where, "profiles", profile, "llm_config", "deployment_config", "graceful_shutdown_timeout_s")] = \
             graceful
     return settings
 
@@ -152,10 +158,19 @@ def set_path(config: dict, path: tuple, value) -> None:
 
 @pytest.mark.parametrize("name", sorted(load_generator().MANIFESTS))
 def test_serve_config_v2_is_serve_config_yaml_but_for_selection_and_cluster_settings(name):
+    """Only what the selection serves: an edit of a profile or layout the cluster does not serve leaves
+    serveConfigV2 as it is, so the operator restarts nothing for it."""
     local = load_serve_config()
     args = local["applications"][0]["args"]
     args.pop("profile", None)
-    local["applications"][0]["args"] = {**load_generator().MANIFESTS[name][1], **args}
+    selection = load_generator().MANIFESTS[name][1]
+    args = local["applications"][0]["args"] = {**selection, **args}
+    app = served(name)
+    served_profiles = {pool.profile for pool in (app.args.layouts[app.args.layout].pools.values()
+                                                 if app.args.layout else [])} or {app.args.profile}
+    args["profiles"] = {k: v for k, v in args["profiles"].items() if k in served_profiles}
+    args["layouts"] = {k: v for k, v in args["layouts"].items() if k == selection.get("layout")}
+    assert len(args["profiles"]) < len(load_serve_config()["applications"][0]["args"]["profiles"])
     for path, value in cluster_only_settings(name).items():
         set_path(local, path, value)
     assert embedded_serve_config(name) == local
@@ -164,11 +179,11 @@ def test_serve_config_v2_is_serve_config_yaml_but_for_selection_and_cluster_sett
 def longest_stream_s(serve_config: dict) -> int:
     """Independently of generate.py: per served class, start deadline + slack x max_tokens cap x TPOT SLO
     + stall timeout (the router's budgets, deployments/router/budgets.py), the largest, rounded up."""
-    args = AppArgs.model_validate(serve_config["applications"][0]["args"])
-    cap = args.router.admission.max_tokens_cap
+    app = ServedApp.from_config_app(serve_config["applications"][0])
+    cap = app.router.admission.max_tokens_cap
     longest = 0.0
-    for pool in args.pools:
-        queues = args.queue_settings(pool.profile)
+    for pool in app.args.pools:
+        queues = app.queue_settings(pool.profile)
         for cls in pool.classes or list(queues.classes):
             t = queues.classes[cls]
             longest = max(longest, t.start_deadline_s + queues.generation_slack * cap * t.tpot_s + queues.stall_s)
@@ -181,10 +196,10 @@ def test_shutdown_and_upgrade_settings_follow_the_longest_stream(name):
     spec, cluster = service["spec"], service["spec"]["rayClusterConfig"]
     stream = longest_stream_s(embedded_serve_config(name))
     assert stream > 60  # a 2,048-token answer at 50 ms/token alone is 102 s: Serve's 20 s default cuts it
-    args = AppArgs.model_validate(embedded_serve_config(name)["applications"][0]["args"])
-    for pool in args.pools:  # every LLM deployment, as the app builds it, and the router
+    app = served(name)
+    for pool in app.args.pools:  # every LLM deployment, as the app builds it, and the router
         assert pool.llm_config_fields()["deployment_config"]["graceful_shutdown_timeout_s"] == stream
-    assert args.router_deployment["graceful_shutdown_timeout_s"] == stream
+    assert app.router_deployment["graceful_shutdown_timeout_s"] == stream
     # The pod outlives the drain, which outlives Serve's graceful shutdown.
     for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
         assert group["template"]["spec"]["terminationGracePeriodSeconds"] > stream
@@ -283,9 +298,8 @@ def test_head_failures_survived(name):
     assert not {"REDIS_PASSWORD", "RAY_REDIS_ADDRESS"} & set(env_of(head["template"]["spec"]["containers"][0]))
     assert head["rayStartParams"]["num-cpus"] == "0"  # no replica, so no stream, on the head
     # Routers: at least two, at most half on one node, and enough non-head nodes to hold them all.
-    router = embedded_serve_config(name)["applications"][0]["args"]["router"]["deployment"]
-    args = AppArgs.model_validate(embedded_serve_config(name)["applications"][0]["args"])
-    replicas = args.router_deployment["autoscaling_config"]["max_replicas"]
+    router = served(name).router_deployment
+    replicas = router["autoscaling_config"]["max_replicas"]
     assert replicas >= 2 and router["max_replicas_per_node"] <= -(-replicas // 2)
     [router_group] = [g for g in cluster["workerGroupSpecs"] if g["groupName"] == generator.ROUTER_GROUP]
     min_nodes = sum(g["minReplicas"] for g in cluster["workerGroupSpecs"])

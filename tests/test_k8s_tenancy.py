@@ -14,7 +14,7 @@ import pydantic
 import pytest
 import yaml
 
-from deployments.config.app_args import AppArgs
+from deployments.config.app_args import ServedApp
 from tests.test_k8s import (KEYS_SECRET, ROOT, docs_of, embedded_serve_config, load_generator, ray_containers,
                             rayservices, validate)
 
@@ -51,9 +51,8 @@ def test_every_ray_pod_mounts_the_key_secret_read_only_and_updatable(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_the_routers_keys_file_is_the_mounted_secret_key(name):
     cluster = rayservices()[name]["spec"]["rayClusterConfig"]
-    args = embedded_serve_config(name)["applications"][0]["args"]
-    keys_file = args["router"]["tenancy"]["keys_file"]
-    assert AppArgs.model_validate(args).router.tenancy.keys_file == keys_file
+    keys_file = ServedApp.from_config_app(embedded_serve_config(name)["applications"][0]).router.tenancy.keys_file
+    assert keys_file is not None
     for group, spec, container in ray_containers(cluster):
         volume, mount = tenancy_volume_and_mount(spec, container)
         assert posixpath.dirname(keys_file) == mount["mountPath"], group

@@ -43,7 +43,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deployments.config.app_args import AppArgs
+from deployments.config.app_args import AppArgs, ServedApp
 from tests.test_k8s import load_generator, rayservices
 
 pytestmark = pytest.mark.runs_first  # before the session cluster; separate ports and temp dir anyway
@@ -535,7 +535,7 @@ def test_worker_group_starts_with_the_bundles_resources(heads, manifest, group_n
     pools = pools_of(manifest, group_name)
     if group_name == load_generator().ROUTER_GROUP:  # no custom resources; room for its share of routers
         serve_config = yaml.safe_load(rayservices()[manifest]["spec"]["serveConfigV2"])
-        router = serve_config["applications"][0]["args"]["router"]["deployment"]
+        router = ServedApp.from_config_app(serve_config["applications"][0]).router_deployment
         bundles = [{"CPU": router["ray_actor_options"]["num_cpus"]}] * router["max_replicas_per_node"]
         strategy = "STRICT_PACK"
     else:

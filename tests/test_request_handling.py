@@ -8,6 +8,7 @@ Fast: no Ray, no engine; the live counterparts are in tests/test_api.py.
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 import json
 from types import SimpleNamespace
 
@@ -15,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 
+from deployments.router.live_settings import publish
+from deployments.router.settings import RouterSettings
 from deployments.router.json_body import JsonBody, as_json_request, declares_json, json_problem
 from deployments.router.request_models import CompletionRequest
 from deployments.router.tokens import render_message, text_parts
@@ -70,8 +73,11 @@ def _call(max_bytes, headers, body_chunks):
     async def send(message):
         sent.append(message)
 
-    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": headers}
-    asyncio.run(JsonBody(app, max_bytes=max_bytes)(scope, receive, send))
+    # The limit is the replica's current setting, read per request from the app's state.
+    router_app = SimpleNamespace(state=SimpleNamespace())
+    publish(router_app, RouterSettings(admission={"max_request_bytes": max_bytes}))
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": headers, "app": router_app}
+    asyncio.run(JsonBody(app)(scope, receive, send))
     return seen, sent
 
 

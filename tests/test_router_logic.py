@@ -341,3 +341,58 @@ def test_a_stall_trips_the_circuit_at_once_and_health_can_say_why():
     breaker.trip("stall: no output for 15s")
     assert breaker.state is CircuitState.OPEN
     assert breaker.describe() == {"state": "open", "consecutive_faults": 2, "last_fault": "stall: no output for 15s"}
+
+
+# --- settings changed on a running router (Router.reconfigure) ----------------------
+
+
+def test_a_new_queue_capacity_applies_to_the_next_request_and_queued_ones_keep_their_places():
+    async def scenario():
+        sched = PriorityScheduler(qs(window=1, capacity={"high": 4, "medium": 4, "low": 4}))
+        await sched.acquire(P.HIGH, 1)
+        queued = [asyncio.create_task(sched.acquire(P.LOW, 5)) for _ in range(2)]
+        await asyncio.sleep(0)
+        sched.apply(qs(window=1, capacity={"high": 4, "medium": 4, "low": 1}))
+        assert sched.depths()["low"] == 2  # nobody queued is dropped by the smaller capacity
+        with pytest.raises(QueueFull):
+            await sched.acquire(P.LOW, 5)
+        sched.release(P.HIGH)
+        assert await queued[0] >= 0  # the first in line still starts first
+        queued[1].cancel()
+
+    run(scenario())
+
+
+def test_a_new_class_cap_lets_waiters_start_at_once():
+    async def scenario():
+        sched = PriorityScheduler(qs(window=4, max_in_flight_per_class={"low": 1}))
+        await sched.acquire(P.LOW, 1)
+        waiting = asyncio.create_task(sched.acquire(P.LOW, 5))
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        sched.apply(qs(window=4, max_in_flight_per_class={"low": 2}))
+        assert sched.running(P.LOW) == 2  # started by the apply itself, not by the next release
+        assert await asyncio.wait_for(waiting, 1) >= 0
+
+    run(scenario())
+
+
+def test_new_window_bounds_clamp_what_the_window_learnt():
+    from deployments.router.settings import WindowSettings
+    from deployments.router.window import AdaptiveWindow
+
+    window = AdaptiveWindow(WindowSettings(initial=64, max=512), tpot_slo_s=0.05)
+    window.apply(WindowSettings(initial=4, min=2, max=16), tpot_slo_s=0.1)
+    assert window.per_replica == 16
+    window.apply(WindowSettings(initial=32, min=32, max=64), tpot_slo_s=0.1)
+    assert window.per_replica == 32
+
+
+def test_new_circuit_thresholds_count_the_faults_already_seen():
+    breaker = CircuitBreaker(CircuitSettings(failure_threshold=5))
+    for _ in range(2):
+        breaker.record_failure("replica error")
+    assert breaker.state is CircuitState.CLOSED
+    breaker.apply(CircuitSettings(failure_threshold=3))
+    breaker.record_failure("replica error")
+    assert breaker.state is CircuitState.OPEN

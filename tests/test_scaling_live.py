@@ -2,22 +2,29 @@
 
 Redeploys the session app with a faster policy (same code, shorter delays),
 puts sustained load on it until Serve's own status shows a second RUNNING
-replica, then lets it idle until the policy takes it away again. Leaves that
-config deployed (marker `changes_app`).
+replica, then lets it idle, but for a few long streams on both replicas,
+until the policy takes one away: the streams on the replica being stopped
+(shown by replica id, from Serve's access logs) run to their end under Serve's
+graceful shutdown. Leaves that config deployed (marker `changes_app`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 
 from deployments.config.app_args import load_serve_config
-from tests.cluster import redeploy, replica_states, running_replicas, wait_for
+from deployments.config.names import deployment_name_prefix
+from tests.cluster import redeploy, replica_states, run, running_replicas, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.changes_app]
 
@@ -30,6 +37,8 @@ def scaling_config(tmp_path) -> str:
     app["autoscaling_policy"]["policy_kwargs"].update(FAST_POLICY)
     llm = app["args"]["profiles"][app["args"]["profile"]]["llm_config"]
     llm["deployment_config"]["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 2, "look_back_period_s": 10}
+    # Longer than any stream the test runs (Serve's default, 20 s, would cut a long one off).
+    llm["deployment_config"]["graceful_shutdown_timeout_s"] = 600
     path = tmp_path / "serve_scaling.yaml"
     path.write_text(yaml.safe_dump(config))
     return str(path)
@@ -86,6 +95,48 @@ class Load:
         self.thread.join(timeout=60)
 
 
+STREAM_TOKENS = 1500
+STREAMS = [f"Story {i}: write a very long story about a lighthouse keeper." for i in range(4)]
+SERVE_LOGS = Path("/tmp/ray/session_latest/logs/serve")
+
+
+def long_stream(base_url: str, model_id: str, text: str) -> dict:
+    """One streamed chat of STREAM_TOKENS tokens: its request id, end time, finish reason and usage."""
+    body = {"model": model_id, "messages": [{"role": "user", "content": text}], "max_tokens": STREAM_TOKENS,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    result = {"finish_reason": None, "completion_tokens": None}
+    with httpx.stream("POST", base_url + "/v1/chat/completions", json=body, timeout=600) as response:
+        assert response.status_code == 200, response.read()
+        result["request_id"] = response.headers["x-request-id"]
+        for line in response.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[len("data: "):])
+            for choice in chunk.get("choices") or []:
+                result["finish_reason"] = choice.get("finish_reason") or result["finish_reason"]
+            if chunk.get("usage"):
+                result["completion_tokens"] = chunk["usage"]["completion_tokens"]
+    result["finished_at"] = time.monotonic()
+    return result
+
+
+def llm_replica_ids() -> set[str]:
+    """Serve replica ids of the main pool's live LLM replicas (from their Ray actors' names)."""
+    listed = json.loads(run("ray", "list", "actors", "--format", "json", "--filter", "state=ALIVE",
+                            "--limit", "10000", timeout=60).stdout)
+    prefix = f"SERVE_REPLICA::llm#{deployment_name_prefix('main')}"
+    return {actor["name"].rsplit("#", 1)[1] for actor in listed if (actor.get("name") or "").startswith(prefix)}
+
+
+def replica_serving(request_id: str) -> str | None:
+    """The LLM replica whose access log has this request (Serve logs the proxy's request id on every hop)."""
+    for path in SERVE_LOGS.glob(f"replica_llm_*{deployment_name_prefix('main').replace(':', '_')}*.log"):
+        for line in path.read_text(errors="replace").splitlines():
+            if request_id in line and "CALL" in line:
+                return line.split(" -- ")[0].split()[-2]
+    return None
+
+
 def starting_or_running() -> int:
     states = replica_states()  # a replica of an earlier version may still be STOPPING: not counted
     return states.get("STARTING", 0) + states.get("RUNNING", 0)
@@ -102,5 +153,22 @@ def test_load_brings_a_second_replica_and_idleness_takes_it_away(base_url, model
         print(f"second replica added {decided_s:.0f}s into the load; {load.completed} requests done")
     up_s = wait_for(lambda: running_replicas() == 2, 420, "a second RUNNING replica")
     print(f"second replica RUNNING {up_s:.0f}s later")
-    down_s = wait_for(lambda: running_replicas() == 1, 300, "scale back to one replica")
-    print(f"back to one replica {down_s:.0f}s after that")
+    replicas_before = llm_replica_ids()
+    # Idle but for a few long streams (fewer per replica than the policy's running_low_per_replica), on
+    # both replicas: the policy takes one replica away while they run; Serve's graceful shutdown lets
+    # the stopping replica finish its streams before it goes.
+    with ThreadPoolExecutor(len(STREAMS)) as pool:
+        streams = [pool.submit(long_stream, base_url, model_id, text) for text in STREAMS]
+        down_s = wait_for(lambda: running_replicas() == 1, 300, "scale back to one replica")
+        stopped_at = time.monotonic()
+        print(f"back to one RUNNING replica {down_s:.0f}s after that")
+        results = [stream.result(timeout=600) for stream in streams]
+    [stopped] = replicas_before - llm_replica_ids()
+    served_by = {result["request_id"]: replica_serving(result["request_id"]) for result in results}
+    print(f"stopped replica {stopped}; streams by replica: {served_by}")
+    on_stopped = [r for r in results if served_by[r["request_id"]] == stopped]
+    assert on_stopped, f"no stream ran on the stopped replica {stopped}: {served_by}"
+    for result in on_stopped:
+        assert result["finished_at"] > stopped_at  # it was still streaming when the replica was told to stop
+    for result in results:  # and every stream, there or on the survivor, ran to its full length
+        assert result["finish_reason"] == "length" and result["completion_tokens"] == STREAM_TOKENS, result

@@ -93,7 +93,7 @@ def test_validation_errors_are_400_in_openai_format():
 def test_openapi_document_declares_what_the_router_answers():
     from deployments.router.ingress import router_ingress_class
 
-    cls = router_ingress_class(1000)
+    cls = router_ingress_class()
     app = next(cell.cell_contents for cell in cls.__init__.__closure__
                if type(cell.cell_contents).__name__ == "FastAPI")  # the app serve.ingress froze
     document = app.openapi()

@@ -380,3 +380,68 @@ def test_a_light_tenants_forecast_counts_its_turn_not_the_heavy_backlog():
     assert queue.ahead_of("heavy") == 10
     queue.fair = False
     assert queue.ahead_of("light") == 10
+
+
+# --- the tenants' reserve of the window ------------------------------------------------------------
+
+
+def reserve_scheduler(window: int = 8, reserve: bool = True) -> PriorityScheduler:
+    settings = QueueSettings(window={"initial": window, "min": 1, "max": 256}, reserved_for_high=0,
+                             tenant_reserve=0.25, max_in_flight_per_class={})
+    scheduler = PriorityScheduler(settings)
+    scheduler.set_sharing(fair=True, reserve=reserve)
+    return scheduler
+
+
+def test_a_heavy_tenant_leaves_the_reserve_free_and_a_newcomer_starts_at_once_past_its_backlog():
+    async def scenario():
+        sched = reserve_scheduler()
+        assert sched.reserved_for_tenants() == 2  # 25% of 8
+        for _ in range(6):
+            assert await sched.acquire(PriorityClass.HIGH, 1, tenant="A", cost=10) == 0.0
+        backlog = [asyncio.create_task(sched.acquire(PriorityClass.HIGH, 5, tenant="A", cost=10)) for _ in range(3)]
+        await asyncio.sleep(0)
+        assert sched.in_flight == 6 and sched.depths()["high"] == 3  # A stops short of the reserve
+        assert sched.window_bound()  # the window counts as in use: it may grow
+        assert sched.free_slots(PriorityClass.HIGH, "B") == 2 and sched.free_slots(PriorityClass.HIGH, "A") == 0
+        assert await sched.acquire(PriorityClass.HIGH, 1, tenant="B", cost=10) == 0.0  # into the reserve, past A's backlog
+        second_b = asyncio.create_task(sched.acquire(PriorityClass.HIGH, 5, tenant="B", cost=10))
+        await asyncio.sleep(0)
+        assert not second_b.done()  # B runs one now: its next waits its turn like anyone's
+        sched.release(PriorityClass.HIGH, "A")  # a shared slot: VTC lifted B to A's count, A came first
+        assert sched.depths()["high"] == 3 and not second_b.done()
+        sched.release(PriorityClass.HIGH, "B")  # B's reserve slot: B has nothing running again, so it is B's
+        assert await asyncio.wait_for(second_b, 1) >= 0
+        assert sched.depths()["high"] == 2
+        for task in backlog:
+            task.cancel()
+
+    run(scenario())
+
+
+def test_a_newcomer_queued_behind_a_full_window_takes_the_reserve_when_it_frees():
+    async def scenario():
+        sched = reserve_scheduler(window=4)  # reserve: 1 slot
+        for tenant in ("A", "A", "A", "C"):
+            await sched.acquire(PriorityClass.HIGH, 1, tenant=tenant)  # C took the reserve
+        waiting_b = asyncio.create_task(sched.acquire(PriorityClass.HIGH, 5, tenant="B"))
+        waiting_a = asyncio.create_task(sched.acquire(PriorityClass.HIGH, 5, tenant="A"))
+        await asyncio.sleep(0)
+        assert not waiting_b.done() and not waiting_a.done()
+        sched.release(PriorityClass.HIGH, "C")
+        assert await asyncio.wait_for(waiting_b, 1) >= 0  # the reserve freed: only a newcomer may take it
+        assert not waiting_a.done() and sched.depths()["high"] == 1
+        waiting_a.cancel()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("reserve", [False, True])
+def test_without_the_reserve_or_with_one_tenant_only_queued_the_window_fills(reserve):
+    async def scenario():
+        sched = reserve_scheduler(reserve=reserve)
+        for _ in range(8 if not reserve else 6):
+            assert await sched.acquire(PriorityClass.HIGH, 1, tenant="A") == 0.0
+        assert sched.in_flight == (8 if not reserve else 6)
+
+    run(scenario())

@@ -239,7 +239,7 @@ def test_fair_sharing_gives_a_light_tenant_its_turn_before_a_heavy_ones_backlog(
     for sharing in ("fifo", "fair"):
         write_tenants(tenants_file, tenants_doc(sharing=sharing))
         time.sleep(4 * RELOAD_S)  # both replicas re-read it (their next request after reload_s)
-        results[sharing] = _light_ttfts(base_url, model_id, seconds=24)
+        results[sharing] = _light_ttfts(base_url, model_id, seconds=16)
         engine_idle(base_url, model_id, timeout=60)
     summary = {s: (len(v), round(statistics.median(v), 3), round(p99(v), 3)) for s, v in results.items()}
     print("light tenant TTFT (n, p50 s, p99 s):", summary)

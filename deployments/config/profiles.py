@@ -30,7 +30,7 @@ class Profile(BaseModel):
     llm_config: Dict[str, Any] = Field(description="ray.serve.llm LLMConfig fields")
     router_queues: Dict[str, Any] = Field(
         default_factory=dict,
-        description="overrides of `router.queues` for pools of this profile: how many requests a "
+        description="overrides of the router's `queues` (its user_config) for pools of this profile: how many requests a "
                     "replica takes at once, and how long prompts yield, depend on its hardware",
     )
 

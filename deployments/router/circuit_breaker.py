@@ -34,6 +34,10 @@ class CircuitBreaker:
         self._probing = False
         self.last_fault: str | None = None  # why the latest fault counted, for /health
 
+    def apply(self, settings: CircuitSettings) -> None:
+        """New thresholds (a reconfigure); the faults counted so far still count."""
+        self._settings = settings
+
     @property
     def state(self) -> CircuitState:
         if self._opened_at is None:

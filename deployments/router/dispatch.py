@@ -68,6 +68,12 @@ class RequestPlan:
     # cost, charged to the tenant's fair-sharing counter when it starts (tenancy/fairness.py).
     tenant: "TenantUse | None" = None
     cost: float = 0.0
+    choices: int = 1  # the request's `n`: each choice may produce max_tokens
+
+    @property
+    def tokens_reserved(self) -> int:
+        """The most tokens it may use: its prompt and, per choice, max_tokens (the tenant's quota takes these)."""
+        return self.prompt_tokens + self.max_tokens * self.choices
 
 
 def engine_error_in(chunk: str) -> tuple[int, str] | None:
@@ -107,8 +113,8 @@ def _usage_tokens(text) -> int | None:
 class _Slot:
     """A window slot, released exactly once; the pool knows how long it is expected to be held."""
 
-    def __init__(self, pool: PoolState, cls: PriorityClass, expected_s: float):
-        self._pool, self._cls, self._held = pool, cls, True
+    def __init__(self, pool: PoolState, cls: PriorityClass, expected_s: float, tenant: str = ""):
+        self._pool, self._cls, self._tenant, self._held = pool, cls, tenant, True
         pool.started(self, cls, expected_s)
 
     def first_token(self) -> None:
@@ -118,7 +124,7 @@ class _Slot:
         if self._held:
             self._held = False
             self._pool.finished(self)
-            self._pool.scheduler.release(self._cls)
+            self._pool.scheduler.release(self._cls, self._tenant)
 
 
 class RequestLife:
@@ -210,7 +216,7 @@ class RequestLife:
         metrics.queue_waited(self.plan.pool, self.plan.cls.label, waited)
         self._started_at = self._clock()
         expected_s = self.pool.service_s(self.plan.cls, self.plan.max_tokens)
-        return await self._call(call, _Slot(self.pool, self.plan.cls, expected_s))
+        return await self._call(call, _Slot(self.pool, self.plan.cls, expected_s, self._tenant))
 
     def _refusal(self) -> Response | None:
         """503 while the pool cannot serve at all; 429 when it could not start this request in time."""

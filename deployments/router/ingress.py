@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 import time
 from typing import Callable
 
@@ -43,7 +44,8 @@ from deployments.router.pools import PoolRoute, choose_pool, tokens_needed
 from deployments.router.replica_counts import follow_replica_counts
 from deployments.router.request_limits import BodySizeLimit
 from deployments.router.request_models import ChatCompletionRequest, CompletionRequest
-from deployments.router.settings import CorsSettings, QueueSettings, RouterSettings, TenancySettings
+from deployments.router.live_settings import LiveCors, publish
+from deployments.router.settings import RouterSettings, queue_settings_for, settings_digest
 from deployments.router.tenants import ApiKeyAuth, TenantGate, rate_limited, unauthorized
 from deployments.tenancy.fairness import cost
 from deployments.tenancy.ledger import RateLimited
@@ -71,6 +73,7 @@ ENDPOINTS = {
 }
 SAMPLING_FIELDS = ("temperature", "top_p", "n", "repetition_penalty")
 _CHOSEN_POOL: contextvars.ContextVar[str] = contextvars.ContextVar("chosen_pool")
+logger = logging.getLogger("ray.serve")
 
 
 class Router(OpenAiIngress):
@@ -80,25 +83,62 @@ class Router(OpenAiIngress):
         model_cards,
         *,
         pool_deployments: dict,
-        pool_routes: list[dict],
-        router_settings: dict,
+        pool_routes: list[PoolRoute],
+        queue_overrides: dict[str, dict],
         tokenizer_source: str,
-        tenant_ledger=None,
+        tenant_ledger,
         **kwargs,
     ):
+        """``pool_routes``: the pools in routing order; ``queue_overrides``: per pool, its profile's
+        ``router_queues`` (merged over the settings' queues on every reconfigure)."""
         super().__init__(llm_deployments, model_cards, **kwargs)
-        self._settings = RouterSettings.model_validate(router_settings)
         self._tokens = PromptTokenCounter(tokenizer_source)
-        model_id = next(iter(model_cards))
-        self._pools = {
-            route["name"]: PoolState(PoolRoute.from_dict(route), pool_deployments[route["name"]], model_id,
-                                     QueueSettings.model_validate(route["queues"]), self._settings.circuit)
-            for route in pool_routes
-        }
-        self._routes = [pool.route for pool in self._pools.values()]
-        self._background: list[asyncio.Task] = []
         self._replica_id = serve.get_replica_context().replica_id.unique_id
-        self._tenants = TenantGate(self._settings.tenancy, tenant_ledger, self._replica_id)
+        self._tenants = TenantGate(tenant_ledger, self._replica_id)
+        self._queue_overrides = queue_overrides
+        self._reconfigured, self._rejected = False, None  # a user_config applied yet; the last one refused
+        self._routes = list(pool_routes)
+        self._pools: dict[str, PoolState] = {}
+        self._apply(RouterSettings(), {route.name: pool_deployments[route.name] for route in pool_routes},
+                    next(iter(model_cards)))
+        self._background: list[asyncio.Task] = []
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Serve's hook for the deployment's ``user_config`` (the router's settings), at start and on every
+        ``serve deploy`` that changes it, without a restart.
+
+        Settings that do not validate (for any pool) fail a starting replica: pydantic.ValidationError,
+        and Serve reports the deploy failed. A running replica keeps the settings it has instead, logs
+        the error and shows it on /health (``router_settings_rejected``): Serve would stop a replica whose
+        reconfigure raised and start ones that fail the same way, so a typo would take the service down.
+        ``python -m deployments.config.app_args`` checks a config before it is deployed."""
+        try:
+            settings = RouterSettings.model_validate(user_config or {})
+            self._apply(settings)
+        except ValueError as exc:  # pydantic.ValidationError is a ValueError
+            if not self._reconfigured:
+                raise
+            self._rejected = f"{type(exc).__name__}: {exc}"[:2000]
+            logger.error("router settings rejected, keeping the current ones: %s", self._rejected)
+            return
+        self._reconfigured, self._rejected = True, None
+
+    def _apply(self, settings: RouterSettings, handles: dict | None = None, model_id: str | None = None) -> None:
+        queues = {route.name: queue_settings_for(settings.queues, self._queue_overrides.get(route.name, {}))
+                  for route in self._routes}  # every pool validates before anything changes
+        self._tenants.apply(settings.tenancy)
+        for route in self._routes:
+            if route.name in self._pools:
+                self._pools[route.name].apply(queues[route.name], settings.circuit)
+            else:
+                self._pools[route.name] = PoolState(route, handles[route.name], model_id, queues[route.name],
+                                                    settings.circuit)
+            self._pools[route.name].scheduler.set_sharing(self._tenants.fair, self._tenants.reserve)
+        self._settings = settings
+        self._settings_digest = settings_digest(settings)
+        app = getattr(self, "app", None)  # the replica's FastAPI app, once Serve's wrapper has set it up
+        if app is not None:
+            publish(app, settings)
 
     def _start_background(self) -> None:
         """Start (once, on the replica's event loop) the pool watches and the replica-count follower."""
@@ -145,7 +185,9 @@ class Router(OpenAiIngress):
         if problems:
             reasons = "; ".join(problems.values())
             return openai_error(503, f"not ready: {reasons}", headers={"retry-after": "5"})
-        return JSONResponse({"status": "ok", "models": sorted(self._model_cards), "pools": pools})
+        return JSONResponse({"status": "ok", "models": sorted(self._model_cards), "pools": pools,
+                             "router_settings_sha256": self._settings_digest,
+                             "router_settings_rejected": self._rejected})
 
     async def chat_socket(self, websocket: WebSocket) -> None:
         """Chat turns over one WebSocket, each through the same pipeline as POST /v1/chat/completions."""
@@ -195,14 +237,13 @@ class Router(OpenAiIngress):
             trace.finish(planned.status, "invalid_request", **{"llm.prompt_tokens": prompt_tokens})
             return _problem_response(planned, None)  # counted where _plan found it
         body, plan = planned
-        use = await self._tenants.admit(caller, prompt_tokens + plan.max_tokens * (getattr(body, "n", None) or 1))
+        use = await self._tenants.admit(caller, plan.tokens_reserved)
         if isinstance(use, RateLimited):
             trace.finish(429, "rate_limited")
             return rate_limited(use, plan.headers)
         plan.tenant, plan.headers = use, plan.headers | use.headers
-        fair = self._tenants.fair
         for pool in self._pools.values():
-            pool.scheduler.set_sharing(fair)  # the tenants file may have changed it
+            pool.scheduler.set_sharing(self._tenants.fair, self._tenants.reserve)  # the tenants file may have changed
         trace.end("router.plan")
         trace.set(**{"llm.class": plan.cls.label, "llm.pool": plan.pool, "llm.prompt_tokens": prompt_tokens,
                      "llm.max_tokens": plan.max_tokens, "llm.stream": plan.stream})
@@ -241,21 +282,18 @@ class Router(OpenAiIngress):
                    "x-priority-class": cls.label,
                    "x-llm-pool": pool.route.name, "x-prompt-tokens": str(prompt_tokens),
                    "x-max-tokens-applied": str(admitted.max_tokens), **lowered}
-        plan = RequestPlan(cls=cls, pool=pool.route.name, max_tokens=admitted.max_tokens, budgets=budgets, stream=bool(getattr(body, "stream", False)),
-                           headers=headers, prompt_tokens=prompt_tokens,
-                           cost=cost(prompt_tokens, admitted.max_tokens * (fields.get("n") or 1)))
+        choices = fields.get("n") or 1
+        plan = RequestPlan(cls=cls, pool=pool.route.name, max_tokens=admitted.max_tokens, budgets=budgets,
+                           stream=bool(getattr(body, "stream", False)), headers=headers, prompt_tokens=prompt_tokens,
+                           cost=cost(prompt_tokens, admitted.max_tokens * choices), choices=choices)
         return body.model_copy(update=updates), plan
 
 
-def _restrict_cors(app, cors: CorsSettings) -> None:
-    """ray.serve.llm's app allows every origin, with credentials; allow only the configured ones (none by
-    default: then no CORS headers at all, and browsers keep other origins' pages out)."""
+def _restrict_cors(app) -> None:
+    """ray.serve.llm's app allows every origin, with credentials; allow only the configured ones, as
+    configured now (router/live_settings.py)."""
     at = next(i for i, m in enumerate(app.user_middleware) if m.cls is CORSMiddleware)
-    if cors.allow_origins:
-        app.user_middleware[at] = Middleware(CORSMiddleware, allow_origins=cors.allow_origins,
-                                             allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"])
-    else:
-        del app.user_middleware[at]
+    app.user_middleware[at] = Middleware(LiveCors)
 
 
 def _problem_response(problem: RequestProblem, reason: str | None) -> JSONResponse:
@@ -270,16 +308,16 @@ def _counted(problem: RequestProblem, reason: str) -> RequestProblem:
     return problem
 
 
-def router_ingress_class(max_request_bytes: int, tenancy: TenancySettings | None = None,
-                         cors: CorsSettings | None = None) -> type:
-    """The Router class wired to its FastAPI app, ready for serve.deployment."""
+def router_ingress_class() -> type:
+    """The Router class wired to its FastAPI app, ready for serve.deployment. The middleware reads the
+    replica's current settings per request (router/live_settings.py)."""
     app = init()  # ray.serve.llm's app: request ids, CORS, HTTP metrics, error middleware
-    _restrict_cors(app, cors or CorsSettings())
+    _restrict_cors(app)
     install_openai_error_handlers(app)
     openapi.without_validation_422(app)
     # Outermost of ours: an unauthenticated request costs nothing, not even reading its body.
-    app.add_middleware(ApiKeyAuth, settings=tenancy or TenancySettings())
+    app.add_middleware(ApiKeyAuth)
     # Added first, so it runs inside BodySizeLimit: declared oversize bodies never get read.
-    app.add_middleware(JsonBody, max_bytes=max_request_bytes)
-    app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
+    app.add_middleware(JsonBody)
+    app.add_middleware(BodySizeLimit)
     return make_fastapi_ingress(Router, endpoint_map=ENDPOINTS, app=app)

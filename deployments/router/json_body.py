@@ -23,6 +23,7 @@ from typing import Any, Iterator
 
 from deployments.observability import metrics
 from deployments.router.errors import openai_error
+from deployments.router.live_settings import current
 
 JSON = b"application/json"
 # Cheap pre-filters over the raw bytes, so an ordinary body is not parsed twice:
@@ -107,21 +108,22 @@ class JsonBody:
     """ASGI middleware: a POST body not declared JSON is re-declared JSON if it is, else 400;
     a body strict JSON refuses is 400 whatever its Content-Type.
 
-    Bodies are read whole, at most ``max_bytes`` (a chunked upload declares no
+    Bodies are read whole, at most ``admission.max_request_bytes`` (a chunked upload declares no
     length for BodySizeLimit), then replayed to the app.
     """
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app):
+        self.app = app
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         headers = list(scope.get("headers") or [])
-        body = await _read_body(receive, self.max_bytes)
+        max_bytes = current(scope).admission.max_request_bytes
+        body = await _read_body(receive, max_bytes)
         if body is None:
             metrics.refused_at_door(413, "body_too_large")
-            return await openai_error(413, f"request body is larger than {self.max_bytes} bytes")(scope, receive, send)
+            return await openai_error(413, f"request body is larger than {max_bytes} bytes")(scope, receive, send)
         if not declares_json(dict(headers).get(b"content-type")):
             problem = json_problem(body)
             if problem is not None:

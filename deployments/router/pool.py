@@ -66,6 +66,16 @@ class PoolState:
         self._probe_timeout_s = circuit.probe_timeout_s
         self._router_replicas = 1
 
+    def apply(self, queues: QueueSettings, circuit: CircuitSettings) -> None:
+        """New settings from a reconfigure, applied in place: requests queued or running keep their places
+        and budgets; what was measured (window, service times, TPOT) stays."""
+        self.queue_settings = queues
+        self.scheduler.apply(queues)
+        self.window.apply(queues.window, queues.tightest_tpot_s)
+        self.scheduler.set_window(self.window.per_replica)
+        self.circuit.apply(circuit)
+        self._probe_timeout_s = circuit.probe_timeout_s
+
     @property
     def queued(self) -> int:
         return sum(self.scheduler.depths().values())
@@ -127,10 +137,10 @@ class PoolState:
         grow, so the wait is predicted with the window where it is heading (the batch at which the
         measured TPOT would reach the SLO, or its bound before that is known); otherwise as it is.
         """
-        return self._forecast(cls, self.scheduler.ahead_of(cls, tenant), self.service_s(cls, max_tokens))
+        return self._forecast(cls, self.scheduler.ahead_of(cls, tenant), self.service_s(cls, max_tokens), tenant)
 
-    def _forecast(self, cls: PriorityClass, ahead: int, service_s: float) -> WaitForecast:
-        if self.scheduler.free_slots(cls) > ahead:
+    def _forecast(self, cls: PriorityClass, ahead: int, service_s: float, tenant: str | None = None) -> WaitForecast:
+        if self.scheduler.free_slots(cls, tenant) > ahead:
             return WaitForecast(0.0)  # starts now (a cap or a yield shows as no free slot)
         window = self.window.expected_limit() if self.window.has_headroom(self._tpot_s) else None
         slots = self.scheduler.slots_for(cls, None if window is None else max(1, int(window)))
@@ -150,6 +160,7 @@ class PoolState:
         decision = self.last_window_decision
         return {"classes": sorted(self.route.classes), "max_model_len": self.route.max_model_len,
                 "ready": self.ready, "circuit": self.circuit.state.value, "queued": self.scheduler.depths(),
+                "capacity": dict(self.queue_settings.capacity),
                 "in_flight": self.scheduler.in_flight, "replicas": self.scheduler.replicas,
                 "router_replicas": self._router_replicas,
                 "window_per_replica": self.scheduler.window,

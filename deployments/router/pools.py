@@ -24,11 +24,6 @@ class PoolRoute:
     max_model_len: int
     engine_priority: bool  # does this pool's engine order its queue by priority?
 
-    @classmethod
-    def from_dict(cls, fields: dict) -> "PoolRoute":
-        return cls(fields["name"], frozenset(fields["classes"]), int(fields["max_model_len"]),
-                   bool(fields["engine_priority"]))
-
     def fits(self, tokens_needed: int) -> bool:
         return tokens_needed <= self.max_model_len
 

@@ -67,6 +67,14 @@ def may_start(cls: PriorityClass, in_flight: int, settings: QueueSettings, class
     return in_flight < limit and (class_cap is None or class_in_flight < class_cap * replicas)
 
 
+def _decrement(counts: dict[str, int], key: str) -> None:
+    left = counts.get(key, 0) - 1
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
+
+
 def class_to_shed(queued: dict[PriorityClass, int], arriving: PriorityClass) -> PriorityClass | None:
     """The least urgent class with waiters that is less urgent than the arrival."""
     for cls in sorted(PriorityClass, reverse=True):
@@ -94,6 +102,9 @@ class PriorityScheduler:
         self._running: dict[PriorityClass, int] = {c: 0 for c in PriorityClass}
         self._replicas = 1
         self._window = settings.window.initial
+        self._tenant_running: dict[str, int] = {}
+        self._tenant_reserve = False  # keep tenant_reserve slots for tenants with nothing running
+        self._reserve_held: dict[str, int] = {}  # per tenant: its requests that started in the reserve
 
     @property
     def window(self) -> int:
@@ -104,10 +115,27 @@ class PriorityScheduler:
         self._window = max(1, per_replica)
         self._dispatch()
 
-    def set_sharing(self, fair: bool) -> None:
-        """Tenants of a class share it by tokens served (True) or in arrival order (False)."""
+    def apply(self, settings: QueueSettings) -> None:
+        """New queue settings (a reconfigure): queued requests stay; new capacities count from now."""
+        self._settings = settings
+        self._dispatch()  # a larger cap or window share may let waiters start now
+
+    def set_sharing(self, fair: bool, reserve: bool = False) -> None:
+        """Tenants of a class share it by tokens served (True) or in arrival order (False); with
+        ``reserve`` (keys on, fair sharing) ``tenant_reserve`` of the window waits for tenants with nothing
+        running."""
         for queue in self._queues.values():
             queue.fair = fair
+        if reserve != self._tenant_reserve:
+            self._tenant_reserve = reserve
+            self._dispatch()
+
+    def reserved_for_tenants(self) -> int:
+        """Slots (whole pool) only a tenant with nothing running may take."""
+        share = self._settings.tenant_reserve
+        if not self._tenant_reserve or share <= 0:
+            return 0
+        return max(1, math.floor(self._window * share)) * self._replicas
 
     def settle(self, tenant: str, correction: float) -> None:
         """Correct a started request's charge to what it really cost (weighted tokens, usually negative)."""
@@ -126,10 +154,22 @@ class PriorityScheduler:
     def in_flight(self) -> int:
         return sum(self._running.values())
 
-    def _may_start(self, cls: PriorityClass) -> bool:
+    def _may_start(self, cls: PriorityClass, tenant: str | None = None) -> bool:
+        """May a request of ``cls`` from ``tenant`` start now? (None: one from a tenant already running.)"""
+        return self._slot_for(cls, tenant) is not None
+
+    def _slot_for(self, cls: PriorityClass, tenant: str | None) -> str | None:
+        """Which slot a request of ``cls`` from ``tenant`` would take now: "shared", "reserve" (the tenants'
+        reserve, only for a tenant with nothing running), or None (none: it waits)."""
         high_active = self._running[PriorityClass.HIGH] + len(self._queues[PriorityClass.HIGH])
-        return may_start(cls, self.in_flight, self._settings, self._running[cls], high_active, self._replicas,
-                         self._window)
+        if not may_start(cls, self.in_flight, self._settings, self._running[cls], high_active, self._replicas,
+                         self._window):
+            return None
+        # Requests started in the reserve do not count against the shared slots.
+        shared = limit_for(cls, self._window, self._settings, self._replicas) - self.reserved_for_tenants()
+        if self.in_flight - self._in_reserve < shared:
+            return "shared"
+        return "reserve" if tenant is not None and self._newcomer(tenant) else None
 
     def running(self, cls: PriorityClass) -> int:
         return self._running[cls]
@@ -141,7 +181,9 @@ class PriorityScheduler:
 
     def window_bound(self) -> bool:
         """Does some waiter wait only because the window is full (not for its class cap or a yield)?"""
-        return any(self._queues[c] and self.in_flight >= limit_for(c, self._window, self._settings, self._replicas)
+        reserve = self.reserved_for_tenants()  # kept free on purpose: the window is in use up to it
+        return any(self._queues[c] and self.in_flight - self._in_reserve >=
+                   limit_for(c, self._window, self._settings, self._replicas) - reserve
                    for c in PriorityClass)
 
     def slots_for(self, cls: PriorityClass, window: int | None = None) -> int:
@@ -151,16 +193,28 @@ class PriorityScheduler:
         cap = self._settings.max_in_flight_per_class.get(cls.label)
         return slots if cap is None else min(slots, cap * self._replicas)
 
-    def free_slots(self, cls: PriorityClass) -> int:
-        """Slots a new request of ``cls`` could take now (0 when its cap or a yield holds it back)."""
-        if not self._may_start(cls):
+    def free_slots(self, cls: PriorityClass, tenant: str | None = None) -> int:
+        """Slots a new request of ``cls`` (from ``tenant``: the tenants' reserve counts for one with nothing
+        running) could take now (0 when its cap or a yield holds it back)."""
+        if not self._may_start(cls, tenant):
             return 0
-        free = limit_for(cls, self._window, self._settings, self._replicas) - self.in_flight
+        limit = limit_for(cls, self._window, self._settings, self._replicas)
+        if tenant is not None and self._newcomer(tenant):
+            free = limit - self.in_flight
+        else:
+            free = limit - self.reserved_for_tenants() - (self.in_flight - self._in_reserve)
         cap = self._settings.max_in_flight_per_class.get(cls.label)
         return free if cap is None else min(free, cap * self._replicas - self._running[cls])
 
-    def _start(self, cls: PriorityClass) -> None:
+    @property
+    def _in_reserve(self) -> int:
+        return sum(self._reserve_held.values())
+
+    def _start(self, cls: PriorityClass, tenant: str) -> None:
+        if self._slot_for(cls, tenant) == "reserve":
+            self._reserve_held[tenant] = self._reserve_held.get(tenant, 0) + 1
         self._running[cls] += 1
+        self._tenant_running[tenant] = self._tenant_running.get(tenant, 0) + 1
 
     def depths(self) -> dict[str, int]:
         return {c.label: len(q) for c, q in self._queues.items()}
@@ -180,8 +234,10 @@ class PriorityScheduler:
         # Waiters of a more urgent class exist only when they cannot start: the
         # window is full (then neither can this one), their cap holds them, or
         # (for high) they make a yielding class wait anyway.
-        if not self._queues[cls] and self._may_start(cls):
-            self._start(cls)
+        queue = self._queues[cls]
+        # Behind waiters of its class only through the tenants' reserve (they cannot use it: they would have).
+        if self._may_start(cls, tenant) and (not queue or self._newcomer(tenant) and not queue.has(tenant)):
+            self._start(cls, tenant)
             self.counter.charge(tenant, cost)
             return 0.0
         waiter = self._enqueue(cls, tenant)
@@ -190,17 +246,23 @@ class PriorityScheduler:
             await asyncio.wait_for(asyncio.shield(waiter.future), timeout_s)
         except asyncio.TimeoutError:
             if not self._withdraw(waiter):
-                self.release(cls)  # granted in the same instant it timed out
+                self.release(cls, tenant)  # granted in the same instant it timed out
             raise QueueTimeout(f"waited {timeout_s:.1f}s in the {cls.label} queue") from None
         except asyncio.CancelledError:
             if not self._withdraw(waiter):
-                self.release(cls)
+                self.release(cls, tenant)
             raise
         return time.monotonic() - waiter.enqueued_at
 
-    def release(self, cls: PriorityClass) -> None:
+    def release(self, cls: PriorityClass, tenant: str = "") -> None:
         self._running[cls] -= 1
+        _decrement(self._tenant_running, tenant)
+        _decrement(self._reserve_held, tenant)  # the tenant's slots are alike: one in the reserve frees first
         self._dispatch()
+
+    def _newcomer(self, tenant: str) -> bool:
+        """Does the tenants' reserve apply to this tenant (reserve on, nothing of it running)?"""
+        return self._tenant_reserve and not self._tenant_running.get(tenant)
 
     def _enqueue(self, cls: PriorityClass, tenant: str = "") -> _Waiter:
         queue = self._queues[cls]
@@ -239,6 +301,17 @@ class PriorityScheduler:
                     ahead += 1
         return shed
 
+    def _next_startable(self, cls: PriorityClass, queue: FairQueue) -> _Waiter | None:
+        """The waiter of ``cls`` to start now, taken off the queue: the next in turn if it may start,
+        else (into the tenants' reserve) the first in turn of a tenant with nothing running; None."""
+        if self._may_start(cls, queue.peek().tenant):
+            return queue.popleft()
+        if self.reserved_for_tenants():
+            tenant = queue.first_tenant_where(self._newcomer)
+            if tenant is not None and self._may_start(cls, tenant):
+                return queue.popleft_of(tenant)
+        return None
+
     def _withdraw(self, waiter: _Waiter) -> bool:
         """Remove a waiter that gave up; False if it already held a slot."""
         queue = self._queues[waiter.cls]
@@ -253,11 +326,13 @@ class PriorityScheduler:
     def _dispatch(self) -> None:
         for cls in PriorityClass:
             queue = self._queues[cls]
-            while queue and self._may_start(cls):
-                waiter = queue.popleft()
+            while queue:
+                waiter = self._next_startable(cls, queue)
+                if waiter is None:
+                    break
                 if waiter.future.done():
                     continue
-                self._start(cls)
+                self._start(cls, waiter.tenant)
                 self.counter.charge(waiter.tenant, waiter.cost)
                 waiter.future.set_result(None)
             if queue and self.in_flight >= self._window * self._replicas:

@@ -1,4 +1,10 @@
-"""Every number the router decides with, read from serve_config.yaml (`args.router`).
+"""Every number the router decides with: the Router deployment's ``user_config`` in serve_config.yaml.
+
+Serve hands a changed ``user_config`` to the running router replicas
+(``Router.reconfigure``) without restarting anything; the LLM engines, whose
+code version hashes the application's ``args``, are not touched. A profile may
+override the queue settings for its pools (``router_queues`` in ``args``);
+``queue_settings_for`` merges the two.
 
 Defaults follow the seed and web chat: SLO first token under 1 s for high
 (3 s medium, 60 s low) and at least 20 tokens/s (50 ms per token) for all;
@@ -9,8 +15,9 @@ top_p 0.9 / repetition_penalty 1.1.
 
 from __future__ import annotations
 
+import hashlib
 from enum import IntEnum
-from typing import Dict, Literal
+from typing import Annotated, Dict, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -125,20 +132,25 @@ class QueueSettings(_Strict):
         description="per class: SLO (ttft_s, tpot_s) and start deadline",
         validate_default=True,
     )
-    capacity: Dict[str, int] = _per_class(256, 256, 256)
+    capacity: Dict[str, Annotated[int, Field(ge=0)]] = _per_class(256, 256, 256)
     max_queued_total: int = Field(512, gt=0, description="beyond this, lower classes are shed first")
     window: WindowSettings = Field(default_factory=WindowSettings)
     reserved_for_high: float = Field(0.25, ge=0, lt=1, description="share of the window only high may use")
-    max_in_flight_per_class: Dict[str, int] = Field(
+    max_in_flight_per_class: Dict[str, Annotated[int, Field(ge=1)]] = Field(
         default_factory=lambda: {LOW: 2},
         description="cap per class inside the window, per running LLM replica: long prompts steal "
                     "every engine step's compute",
     )
-    yield_to_high: Dict[Literal[MEDIUM, LOW], int] = Field(
+    yield_to_high: Dict[Literal[MEDIUM, LOW], Annotated[int, Field(ge=1)]] = Field(
         default_factory=dict,
         description="class: it starts only while fewer high requests than this (per LLM replica) run or "
                     "wait; 1 = only in the gaps between high requests",
     )
+    tenant_reserve: float = Field(
+        0.05, ge=0, lt=1,
+        description="with API keys and fair sharing: share of the window (at least one slot per LLM replica when "
+                    "above 0) that only a tenant with nothing running may take, so a light tenant's request "
+                    "starts at once beside a heavy tenant's backlog instead of waiting for one of its slots")
     admit_within: float = Field(
         0.8, gt=0, le=1, description="admit only if the predicted wait is below this share of the start deadline")
     generation_slack: float = Field(
@@ -193,3 +205,24 @@ class CorsSettings(_Strict):
 
 
 RouterSettings.model_rebuild()
+
+
+def settings_digest(settings: RouterSettings) -> str:
+    """SHA-256 of the settings as applied (``/health`` shows it: has a reconfigure reached a replica?)."""
+    return hashlib.sha256(settings.model_dump_json().encode()).hexdigest()
+
+
+def queue_settings_for(base: QueueSettings, overrides: dict) -> QueueSettings:
+    """The queue settings of a pool whose profile overrides ``base`` with ``overrides`` (a profile's
+    ``router_queues``), key by key at every depth. Raises pydantic.ValidationError when the result is
+    not valid."""
+    return QueueSettings.model_validate(_merged(base.model_dump(), overrides))
+
+
+def _merged(base: dict, overrides: dict) -> dict:
+    """``overrides`` on top of ``base``, key by key at every depth (a profile may change one class's SLO)."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        both_dicts = isinstance(merged.get(key), dict) and isinstance(value, dict)
+        merged[key] = _merged(merged[key], value) if both_dicts else value
+    return merged

@@ -17,6 +17,7 @@ the service is open.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from starlette.requests import HTTPConnection
 
 from deployments.observability import metrics
 from deployments.router.errors import openai_error
+from deployments.router.live_settings import current
 from deployments.router.settings import PriorityClass, TenancySettings
 from deployments.tenancy.ledger import QuotaClient, RateLimited, Ticket
 from deployments.tenancy.tenants import AuthFailure, Caller, KeyRing
@@ -33,7 +35,7 @@ from deployments.tenancy.tenants import AuthFailure, Caller, KeyRing
 logger = logging.getLogger("ray.serve")
 
 CALLER_STATE = "caller"
-OPEN_WARNING = ("No API keys configured (router.tenancy.keys_file): the service is OPEN to anyone who can reach "
+OPEN_WARNING = ("No API keys configured (the Router's user_config: tenancy.keys_file): the service is OPEN to anyone who can reach "
                 "its port; it binds 127.0.0.1 only. Configure a tenants file before exposing it.")
 TIER_LOWERED_HEADER = "x-priority-lowered-by-tier"
 
@@ -61,12 +63,12 @@ def unauthorized(failure: AuthFailure):
 class ApiKeyAuth:
     """ASGI middleware: authenticate every ``/v1`` HTTP request when keys are configured."""
 
-    def __init__(self, app, settings: TenancySettings):
-        self.app, self._settings = app, settings
+    def __init__(self, app):
+        self.app = app
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope.get("path", "").startswith("/v1"):
-            ring = key_ring(self._settings)
+            ring = key_ring(current(scope).tenancy)
             if ring is not None:
                 try:
                     caller = ring.authenticate(HTTPConnection(scope).headers.get("authorization"))
@@ -101,15 +103,34 @@ class TenantUse:
 class TenantGate:
     """Per router replica: the key ring, the quota client, the tier's class cap."""
 
-    def __init__(self, settings: TenancySettings, ledger, replica_id: str):
+    def __init__(self, ledger, replica_id: str):
+        self._ledger, self._replica_id = ledger, replica_id
+        self._settings: TenancySettings | None = None
+        self.ring: KeyRing | None = None
+        self.quota: QuotaClient | None = None
+
+    def apply(self, settings: TenancySettings) -> None:
+        """Use these settings from now on (at start and on every reconfigure). Raises what
+        ``tenancy.tenants.load`` raises for a missing or malformed tenants file: a bad edit fails the
+        deploy instead of opening the service or locking every tenant out."""
+        if settings == self._settings:
+            return
         self.ring = key_ring(settings)
-        self.quota = QuotaClient(ledger, replica_id) if self.ring is not None and ledger is not None else None
+        if self.ring is not None and self.quota is None and self._ledger is not None:
+            self.quota = QuotaClient(self._ledger, self._replica_id)
         if self.ring is None:
             logger.warning(OPEN_WARNING)
+        self._settings = settings
 
     @property
     def fair(self) -> bool:
         return self.ring is None or self.ring.file.sharing == "fair"
+
+    @property
+    def reserve(self) -> bool:
+        """Keep the tenants' reserve of the window (queues.tenant_reserve)? Only with keys and fair sharing:
+        without keys every request is one anonymous tenant, and the reserve would only sit idle."""
+        return self.ring is not None and self.ring.file.sharing == "fair"
 
     def caller_of(self, connection: HTTPConnection) -> Caller | None:
         """The authenticated caller (None when open). Raises AuthFailure."""
@@ -138,9 +159,10 @@ class TenantGate:
         return TenantUse(caller, ticket)
 
     async def run(self) -> None:
-        """Background: hand back idle leases, renew this replica's slots (only with keys)."""
-        if self.quota is not None:
-            await self.quota.sweep_forever()
+        """Background: hand back idle leases, renew this replica's slots (once keys are configured)."""
+        while self.quota is None:
+            await asyncio.sleep(1.0)
+        await self.quota.sweep_forever()
 
 
 def rate_limited(limited: RateLimited, headers: Dict[str, str]):

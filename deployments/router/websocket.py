@@ -354,7 +354,7 @@ class ChatSocket:
 def origin_allowed(headers, allowed: list[str]) -> bool:
     """Browsers let any page open a socket anywhere (CORS does not apply to WebSockets), so a page from
     another origin could chat through a visitor's browser; as for the HTTP API, only the app's own
-    origin and the configured ``router.cors.allow_origins`` may. Clients that send no Origin (not
+    origin and the configured ``cors.allow_origins`` (router settings) may. Clients that send no Origin (not
     browsers) are let in: they could send anything anyway."""
     origin = headers.get("origin")
     if origin is None:

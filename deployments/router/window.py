@@ -106,6 +106,11 @@ class AdaptiveWindow:
         self._over = 0  # consecutive looks with TPOT over the SLO
         self._curve: OrderedDict[int, float] = OrderedDict()  # batch per replica -> smoothed TPOT
 
+    def apply(self, settings: WindowSettings, tpot_slo_s: float) -> None:
+        """New bounds and steps (a reconfigure); the window keeps what it has learnt, within the new bounds."""
+        self._settings, self._tpot_slo_s = settings, tpot_slo_s
+        self.limit = self._bounded(self.limit)
+
     def set_share(self, share: float) -> None:
         """This router's share of the pool (1 / router replicas): bounds scale with it."""
         if share != self._share:

@@ -27,7 +27,7 @@ first-come-first-served, for comparison. Pure: no asyncio, no Ray.
 from __future__ import annotations
 
 from collections import deque
-from typing import Deque, Dict, Generic, Iterator, Optional, Protocol, TypeVar
+from typing import Callable, Deque, Dict, Generic, Iterator, Optional, Protocol, TypeVar
 
 PROMPT_WEIGHT = 1.0
 OUTPUT_WEIGHT = 2.0
@@ -114,6 +114,18 @@ class FairQueue(Generic[W]):
     def _next_tenant(self) -> str:
         heads = [(self._rank_waiter(q[0]), tenant) for tenant, q in self._by_tenant.items() if q]
         return min(heads)[1]
+
+    def has(self, tenant: str) -> bool:
+        return bool(self._by_tenant.get(tenant))
+
+    def first_tenant_where(self, wanted: Callable[[str], bool]) -> str | None:
+        """The tenant, among those for whom ``wanted`` holds, whose turn comes first; None if none."""
+        heads = [(self._rank_waiter(q[0]), tenant) for tenant, q in self._by_tenant.items() if q and wanted(tenant)]
+        return min(heads)[1] if heads else None
+
+    def popleft_of(self, tenant: str) -> W:
+        """That tenant's oldest waiter. KeyError if it has none."""
+        return self._take(tenant, first=True)
 
     def peek(self) -> W:
         return self._by_tenant[self._next_tenant()][0]

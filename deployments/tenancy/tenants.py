@@ -4,7 +4,7 @@ Platform teams put one deployment in front of many applications. Each
 application is a tenant with a tier (the highest priority class it may use and
 its rate limits) and one or more keys. Only digests are stored, so the file
 (mounted from a Kubernetes Secret, or a local path in serve_config.yaml's
-``router.tenancy.keys_file``) never holds a key in clear. Two digests for one
+``tenancy.keys_file`` of the router's settings) never holds a key in clear. Two digests for one
 tenant is how a key is rotated: add the new one, move the clients, drop the
 old one; the router re-reads the file when it changes, nothing restarts.
 
