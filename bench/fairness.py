@@ -51,6 +51,7 @@ class Sample:
     ttft_s: float | None
     output_tokens: int
     done_at: float
+    queue_wait_s: float | None = None  # the router's x-queue-wait-ms: waiting for a window slot
 
 
 def tenants_doc(sharing: str) -> dict:
@@ -94,7 +95,7 @@ async def one(client, phase, tenant, model, i, max_tokens) -> Sample:
     body = {"model": model, "messages": short_chat(i), "max_tokens": max_tokens, "stream": True,
             "stream_options": {"include_usage": True}, "ignore_eos": True}
     sent = time.monotonic()
-    ttft, tokens, status = None, 0, 0
+    ttft, tokens, status, wait_ms = None, 0, 0, None
     try:
         async with client.stream("POST", "/v1/chat/completions", json=body,
                                  headers={"Authorization": f"Bearer {KEYS[tenant]}"}) as stream:
@@ -102,6 +103,7 @@ async def one(client, phase, tenant, model, i, max_tokens) -> Sample:
             if status != 200:  # a JSON error, not a stream
                 await stream.aread()
                 return Sample(phase, tenant, sent, status, None, 0, time.monotonic())
+            wait_ms = stream.headers.get("x-queue-wait-ms")
             async for line in stream.aiter_lines():
                 if not line.startswith("data: {"):
                     continue
@@ -113,7 +115,8 @@ async def one(client, phase, tenant, model, i, max_tokens) -> Sample:
                     status = json.loads(line[len("data: "):])["error"]["code"]
     except httpx.HTTPError:
         status = 599
-    return Sample(phase, tenant, sent, status, ttft, tokens, time.monotonic())
+    return Sample(phase, tenant, sent, status, ttft, tokens, time.monotonic(),
+                  None if wait_ms is None else float(wait_ms) / 1000)
 
 
 async def poisson(client, phase, tenant, model, rate, seconds, max_tokens, seed) -> list[Sample]:
@@ -151,6 +154,8 @@ def summarise(samples: list[Sample]) -> list[dict]:
                          "refused_429": sum(s.status == 429 for s in mine),
                          "other": sum(s.status not in (200, 429) for s in mine),
                          "ttft_p50_s": percentile(ttfts, 50), "ttft_p99_s": percentile(ttfts, 99),
+                         "queue_wait_p50_s": percentile([s.queue_wait_s for s in served
+                                                         if s.queue_wait_s is not None], 50),
                          "output_tok_s": sum(s.output_tokens for s in served) / span if span > 0 else 0.0})
     return rows
 
@@ -168,12 +173,13 @@ def ratios(rows: list[dict]) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    head = "| phase | tenant | sent | served | 429 | other | TTFT p50 s | TTFT p99 s | output tok/s |"
-    lines = [head, "|" + "---|" * 9]
+    head = ("| phase | tenant | sent | served | 429 | other | queue wait p50 s | TTFT p50 s | TTFT p99 s | "
+            "output tok/s |")
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
         fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
         lines.append(f"| {r['phase']} | {r['tenant']} | {r['sent']} | {r['served']} | {r['refused_429']} | "
-                     f"{r['other']} | {fmt(r['ttft_p50_s'])} | {fmt(r['ttft_p99_s'])} | {r['output_tok_s']:.1f} |")
+                     f"{r['other']} | {fmt(r['queue_wait_p50_s'])} | {fmt(r['ttft_p50_s'])} | {fmt(r['ttft_p99_s'])} | {r['output_tok_s']:.1f} |")
     return "\n".join(lines)
 
 

@@ -315,3 +315,18 @@ def test_near_the_slo_the_window_still_grows_one_by_one_up_to_where_the_measured
     for _ in range(40):
         window.observe(busy(cpu.tpot(window.per_replica), in_use=window.per_replica))
     assert window.per_replica in (5, 6)  # past 80% of the SLO (4.8) by the line, not beyond the SLO
+
+
+def test_the_measured_line_predicts_the_tpot_of_the_batch_a_request_joins():
+    """A burst admitted against an idle engine's TPOT runs at a full batch's: the client-timeout forecast
+    (dispatch.RequestLife._refusal) prices each request at the batch it joins, from the measured line."""
+    from deployments.router.window import tpot_at
+
+    cpu = Engine(base_s=0.03, knee=1, per_extra_s=0.01)
+    window = AdaptiveWindow(WindowSettings(initial=8), SLO)
+    assert window.tpot_at(16) is None  # nothing measured: no prediction
+    for batch in (1, 2, 3, 4):
+        window.observe(busy(cpu.tpot(batch), in_use=batch, queued=0))
+    assert window.tpot_at(16) == pytest.approx(cpu.tpot(16))  # linear: extrapolates exactly
+    assert window.tpot_at(16) > 4 * window.tpot_at(1)
+    assert tpot_at([(1, 0.03), (2, 0.03), (3, 0.03)], 50) is None  # TPOT not growing with the batch: no line

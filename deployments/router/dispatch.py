@@ -236,7 +236,8 @@ class RequestLife:
             # The client's own deadline bounds the whole request: refuse now what could not finish
             # by then even at the engine's current speed, instead of spending engine time on an
             # answer nobody will read.
-            finish_s = forecast.seconds + self.pool.decode_s(self.plan.cls, self.plan.max_tokens)
+            joining = self.pool.scheduler.in_flight + self.pool.scheduler.ahead_of(self.plan.cls, self._tenant)
+            finish_s = forecast.seconds + self.pool.decode_s(self.plan.cls, self.plan.max_tokens, joining)
             if finish_s > within * (budgets.end_by - now):
                 return self._error(
                     429, f"this request would take at least {finish_s:.1f}s (wait and generation), beyond its "

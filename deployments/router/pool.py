@@ -123,12 +123,22 @@ class PoolState:
                  if not capped or c is cls]
         return (known + [service_s] * count)[:count]
 
-    def decode_s(self, cls: PriorityClass, max_tokens: int) -> float:
+    def decode_s(self, cls: PriorityClass, max_tokens: int, joining: int = 0) -> float:
         """Seconds to generate ``max_tokens`` at the engine's last measured TPOT (its class's SLO before
         any). A lower bound of the time after the first token: prefill is not in it. An idle engine's
         TPOT is stale but still the best guess: on the H200 a flood arriving at an idle engine was
-        judged at the 50 ms SLO (12.8 s per request where it took 1.5 s) and 52 of 128 were refused."""
-        return max_tokens * (self._last_tpot_s or self.queue_settings.targets(cls).tpot_s)
+        judged at the 50 ms SLO (12.8 s per request where it took 1.5 s) and 52 of 128 were refused.
+
+        ``joining``: requests that will run beside this one (this router's, running and ahead of it). The
+        TPOT is then at least what the measured TPOT-vs-batch line gives for that batch: a burst admitted
+        against an idle engine's TPOT all ran at a full batch's (on 2 cores, 24 of 24 passed a 10 s client
+        timeout)."""
+        tpot = self._last_tpot_s or self.queue_settings.targets(cls).tpot_s
+        if joining:  # it runs beside them, but never in more than the window
+            replicas = max(1, self.scheduler.replicas)
+            batch = min(joining + 1, self.scheduler.window * replicas) / replicas
+            tpot = max(tpot, self.window.tpot_at(batch) or 0.0)
+        return max_tokens * tpot
 
     def forecast(self, cls: PriorityClass, max_tokens: int, tenant: str = "") -> WaitForecast:
         """Predicted wait for a slot of a new request of ``cls``, among requests like it.

@@ -78,10 +78,9 @@ _SIZES = 32
 _POINT_WEIGHT = 0.3
 
 
-def batch_at_slo(points, tpot_slo_s: float) -> float | None:
-    """The batch per replica at which TPOT would reach the SLO, from a least-squares line through
-    ``points`` [(batch, tpot_s)], one per batch size; None while fewer than three sizes were seen or
-    TPOT does not grow with the batch (then nothing measured bounds the window)."""
+def _line(points) -> tuple[float, float, float] | None:
+    """(mean batch, mean TPOT, slope) of the least-squares line through ``points`` [(batch, tpot_s)], one
+    per batch size; None while fewer than three sizes were seen or TPOT does not grow with the batch."""
     if len(points) < 3:  # three batch sizes at least
         return None
     n = len(points)
@@ -89,9 +88,27 @@ def batch_at_slo(points, tpot_slo_s: float) -> float | None:
     mean_t = sum(t for _, t in points) / n
     var_b = sum((b - mean_b) ** 2 for b, _ in points)
     slope = sum((b - mean_b) * (t - mean_t) for b, t in points) / var_b
-    if slope <= 0:
+    return (mean_b, mean_t, slope) if slope > 0 else None
+
+
+def batch_at_slo(points, tpot_slo_s: float) -> float | None:
+    """The batch per replica at which TPOT would reach the SLO, from the line through ``points``; None
+    without a line (then nothing measured bounds the window)."""
+    line = _line(points)
+    if line is None:
         return None
+    mean_b, mean_t, slope = line
     return mean_b + (tpot_slo_s - mean_t) / slope
+
+
+def tpot_at(points, batch: float) -> float | None:
+    """The TPOT, seconds, that the line through ``points`` predicts at ``batch`` per replica; None without
+    a line."""
+    line = _line(points)
+    if line is None:
+        return None
+    mean_b, mean_t, slope = line
+    return max(0.0, mean_t + slope * (batch - mean_b))
 
 
 class AdaptiveWindow:
@@ -206,6 +223,11 @@ class AdaptiveWindow:
     @property
     def points(self) -> list[tuple[int, float]]:
         return list(self._curve.items())
+
+    def tpot_at(self, batch: float) -> float | None:
+        """The TPOT the engine showed (by the measured line) at ``batch`` requests per replica, seconds;
+        None until three batch sizes were measured."""
+        return tpot_at(self.points, batch)
 
     def expected_limit(self) -> float:
         """Where the window is heading while the engine has headroom: the batch at which the measured
