@@ -445,3 +445,22 @@ def test_without_the_reserve_or_with_one_tenant_only_queued_the_window_fills(res
         assert sched.in_flight == (8 if not reserve else 6)
 
     run(scenario())
+
+
+def test_after_a_window_cut_a_newcomer_still_starts_in_the_reserve():
+    """A cut leaves the heavy tenant's running requests over the new window; the reserve is a pool of its
+    own, so a light tenant still starts at once (the window is passed by at most the reserve)."""
+    async def scenario():
+        sched = reserve_scheduler(window=8)  # reserve: 2
+        for _ in range(6):
+            await sched.acquire(PriorityClass.HIGH, 1, tenant="A", cost=10)
+        sched.set_window(4)  # TPOT over the SLO: cut; A's six keep running
+        assert sched.reserved_for_tenants() == 1 and sched.free_slots(PriorityClass.HIGH, "A") == 0
+        assert sched.free_slots(PriorityClass.HIGH, "B") == 1
+        assert await sched.acquire(PriorityClass.HIGH, 1, tenant="B", cost=10) == 0.0
+        late = asyncio.create_task(sched.acquire(PriorityClass.HIGH, 5, tenant="C", cost=10))
+        await asyncio.sleep(0)
+        assert not late.done()  # the reserve (one slot at window 4) is taken: C waits
+        late.cancel()
+
+    run(scenario())

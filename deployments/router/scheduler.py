@@ -160,16 +160,26 @@ class PriorityScheduler:
 
     def _slot_for(self, cls: PriorityClass, tenant: str | None) -> str | None:
         """Which slot a request of ``cls`` from ``tenant`` would take now: "shared", "reserve" (the tenants'
-        reserve, only for a tenant with nothing running), or None (none: it waits)."""
+        reserve, only for a tenant with nothing running), or None (none: it waits).
+
+        The reserve is a pool of its own: the shared slots count it as taken, and a newcomer may use it
+        even when a window cut left the shared slots over the new window (the heavy tenant's requests
+        still running), so the window may be passed by at most the reserve until they drain."""
         high_active = self._running[PriorityClass.HIGH] + len(self._queues[PriorityClass.HIGH])
-        if not may_start(cls, self.in_flight, self._settings, self._running[cls], high_active, self._replicas,
-                         self._window):
-            return None
-        # Requests started in the reserve do not count against the shared slots.
-        shared = limit_for(cls, self._window, self._settings, self._replicas) - self.reserved_for_tenants()
-        if self.in_flight - self._in_reserve < shared:
+        reserve = self.reserved_for_tenants()
+        if may_start(cls, self._shared_in_flight(), self._settings, self._running[cls], high_active, self._replicas,
+                     self._window):
             return "shared"
-        return "reserve" if tenant is not None and self._newcomer(tenant) else None
+        if (reserve and tenant is not None and self._newcomer(tenant) and self._in_reserve < reserve
+                and may_start(cls, 0, self._settings, self._running[cls], high_active, self._replicas, self._window)):
+            return "reserve"  # (in flight 0: the window is the reserve's own; class caps and yields still hold)
+        return None
+
+    def _shared_in_flight(self) -> int:
+        """Slots of the window taken for everyone but the tenants' reserve: those running outside it, and
+        the reserve itself."""
+        reserve = self.reserved_for_tenants()
+        return self.in_flight - self._in_reserve + reserve if reserve else self.in_flight
 
     def running(self, cls: PriorityClass) -> int:
         return self._running[cls]
@@ -181,9 +191,9 @@ class PriorityScheduler:
 
     def window_bound(self) -> bool:
         """Does some waiter wait only because the window is full (not for its class cap or a yield)?"""
-        reserve = self.reserved_for_tenants()  # kept free on purpose: the window is in use up to it
-        return any(self._queues[c] and self.in_flight - self._in_reserve >=
-                   limit_for(c, self._window, self._settings, self._replicas) - reserve
+        # The tenants' reserve is kept free on purpose: the window counts as in use up to it.
+        return any(self._queues[c] and
+                   self._shared_in_flight() >= limit_for(c, self._window, self._settings, self._replicas)
                    for c in PriorityClass)
 
     def slots_for(self, cls: PriorityClass, window: int | None = None) -> int:
@@ -198,11 +208,9 @@ class PriorityScheduler:
         running) could take now (0 when its cap or a yield holds it back)."""
         if not self._may_start(cls, tenant):
             return 0
-        limit = limit_for(cls, self._window, self._settings, self._replicas)
+        free = limit_for(cls, self._window, self._settings, self._replicas) - self._shared_in_flight()
         if tenant is not None and self._newcomer(tenant):
-            free = limit - self.in_flight
-        else:
-            free = limit - self.reserved_for_tenants() - (self.in_flight - self._in_reserve)
+            free = max(0, free) + max(0, self.reserved_for_tenants() - self._in_reserve)
         cap = self._settings.max_in_flight_per_class.get(cls.label)
         return free if cap is None else min(free, cap * self._replicas - self._running[cls])
 
