@@ -29,12 +29,14 @@ PROFILE = "qwen2.5-7b-4090d-tp1-fp16"
 TALLY_ENV = "GPU_OVERLOAD_TALLY_DIR"
 
 
-def derive_serve_config(serve_config: Path, model_dir: str) -> dict:
+def derive_serve_config(serve_config: Path, model_dir: str, profile: str = PROFILE) -> dict:
+    """``profile``: which of the config's profiles to serve (default TP1 FP16; bench/gpu_two_replicas.py and
+    bench/gpu_profiles.py pass others)."""
     cfg = copy.deepcopy(yaml.safe_load(Path(serve_config).read_text()))
     args = cfg["applications"][0]["args"]
-    args["profile"] = PROFILE
+    args["profile"] = profile
     args.pop("layout", None)
-    lc = args["profiles"][PROFILE]["llm_config"]
+    lc = args["profiles"][profile]["llm_config"]
     lc["model_loading_config"]["model_source"] = model_dir  # dummy Qwen2.5-7B-shaped folder
     ek = lc["engine_kwargs"]
     ek["load_format"] = "dummy"
@@ -44,10 +46,10 @@ def derive_serve_config(serve_config: Path, model_dir: str) -> dict:
     return cfg
 
 
-def stock_llm_config(cfg: dict) -> dict:
+def stock_llm_config(cfg: dict, profile: str = PROFILE) -> dict:
     """The same profile's LLMConfig for the stock app, ``scheduling_policy`` dropped (stock sends no priority),
     as bench/priority_flood.py does."""
-    lc = copy.deepcopy(cfg["applications"][0]["args"]["profiles"][PROFILE]["llm_config"])
+    lc = copy.deepcopy(cfg["applications"][0]["args"]["profiles"][profile]["llm_config"])
     lc["engine_kwargs"].pop("scheduling_policy", None)
     return lc
 
