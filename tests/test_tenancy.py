@@ -393,7 +393,7 @@ def reserve_scheduler(window: int = 8, reserve: bool = True) -> PrioritySchedule
     return scheduler
 
 
-def test_a_heavy_tenant_leaves_the_reserve_free_and_a_newcomer_starts_at_once_past_its_backlog():
+def test_a_heavy_tenant_leaves_the_reserve_free_and_a_light_one_starts_at_once_past_its_backlog():
     async def scenario():
         sched = reserve_scheduler()
         assert sched.reserved_for_tenants() == 2  # 25% of 8
@@ -404,17 +404,36 @@ def test_a_heavy_tenant_leaves_the_reserve_free_and_a_newcomer_starts_at_once_pa
         assert sched.in_flight == 6 and sched.depths()["high"] == 3  # A stops short of the reserve
         assert sched.window_bound()  # the window counts as in use: it may grow
         assert sched.free_slots(PriorityClass.HIGH, "B") == 2 and sched.free_slots(PriorityClass.HIGH, "A") == 0
-        assert await sched.acquire(PriorityClass.HIGH, 1, tenant="B", cost=10) == 0.0  # into the reserve, past A's backlog
-        second_b = asyncio.create_task(sched.acquire(PriorityClass.HIGH, 5, tenant="B", cost=10))
+        # B runs less than its fair share (8 / 2 tenants): both its requests start at once, past A's backlog.
+        assert await sched.acquire(PriorityClass.HIGH, 1, tenant="B", cost=10) == 0.0
+        assert await sched.acquire(PriorityClass.HIGH, 1, tenant="B", cost=10) == 0.0
+        third_b = asyncio.create_task(sched.acquire(PriorityClass.HIGH, 5, tenant="B", cost=10))
         await asyncio.sleep(0)
-        assert not second_b.done()  # B runs one now: its next waits its turn like anyone's
+        assert not third_b.done()  # the reserve is full: B's next waits its turn like anyone's
         sched.release(PriorityClass.HIGH, "A")  # a shared slot: VTC lifted B to A's count, A came first
-        assert sched.depths()["high"] == 3 and not second_b.done()
-        sched.release(PriorityClass.HIGH, "B")  # B's reserve slot: B has nothing running again, so it is B's
-        assert await asyncio.wait_for(second_b, 1) >= 0
+        assert sched.depths()["high"] == 3 and not third_b.done()
+        sched.release(PriorityClass.HIGH, "B")  # one of B's reserve slots: B is under its share, so it is B's
+        assert await asyncio.wait_for(third_b, 1) >= 0
         assert sched.depths()["high"] == 2
         for task in backlog:
             task.cancel()
+
+    run(scenario())
+
+
+def test_a_tenant_at_its_fair_share_does_not_take_the_reserve():
+    async def scenario():
+        sched = reserve_scheduler(window=8)  # reserve 2, fair share of two tenants: 4 each
+        for _ in range(4):
+            await sched.acquire(PriorityClass.HIGH, 1, tenant="A", cost=10)
+        for _ in range(2):
+            await sched.acquire(PriorityClass.HIGH, 1, tenant="B", cost=10)
+        # shared slots (6) are full; B runs 2 < 4: reserve; A runs 4 = its share: waits
+        waiting_a = asyncio.create_task(sched.acquire(PriorityClass.HIGH, 5, tenant="A", cost=10))
+        await asyncio.sleep(0)
+        assert not waiting_a.done()
+        assert await sched.acquire(PriorityClass.HIGH, 1, tenant="B", cost=10) == 0.0
+        waiting_a.cancel()
 
     run(scenario())
 

@@ -136,7 +136,8 @@ class Router(OpenAiIngress):
             self._pools[route.name].scheduler.set_sharing(self._tenants.fair, self._tenants.reserve)
         self._settings = settings
         self._settings_digest = settings_digest(settings)
-        app = getattr(self, "app", None)  # the replica's FastAPI app, once Serve's wrapper has set it up
+        # The replica's FastAPI app, once Serve's wrapper has set it up (`app`; `_asgi_app` where older).
+        app = getattr(self, "app", None) or getattr(self, "_asgi_app", None)
         if app is not None:
             publish(app, settings)
 

@@ -103,7 +103,7 @@ class PriorityScheduler:
         self._replicas = 1
         self._window = settings.window.initial
         self._tenant_running: dict[str, int] = {}
-        self._tenant_reserve = False  # keep tenant_reserve slots for tenants with nothing running
+        self._tenant_reserve = False  # keep tenant_reserve slots for tenants under their fair share
         self._reserve_held: dict[str, int] = {}  # per tenant: its requests that started in the reserve
 
     @property
@@ -131,7 +131,7 @@ class PriorityScheduler:
             self._dispatch()
 
     def reserved_for_tenants(self) -> int:
-        """Slots (whole pool) only a tenant with nothing running may take."""
+        """Slots (whole pool) only a tenant running nothing or under its fair share may take."""
         share = self._settings.tenant_reserve
         if not self._tenant_reserve or share <= 0:
             return 0
@@ -160,7 +160,7 @@ class PriorityScheduler:
 
     def _slot_for(self, cls: PriorityClass, tenant: str | None) -> str | None:
         """Which slot a request of ``cls`` from ``tenant`` would take now: "shared", "reserve" (the tenants'
-        reserve, only for a tenant with nothing running), or None (none: it waits).
+        reserve, only for a tenant running nothing or less than its fair share), or None (none: it waits).
 
         The reserve is a pool of its own: the shared slots count it as taken, and a newcomer may use it
         even when a window cut left the shared slots over the new window (the heavy tenant's requests
@@ -170,7 +170,7 @@ class PriorityScheduler:
         if may_start(cls, self._shared_in_flight(), self._settings, self._running[cls], high_active, self._replicas,
                      self._window):
             return "shared"
-        if (reserve and tenant is not None and self._newcomer(tenant) and self._in_reserve < reserve
+        if (reserve and tenant is not None and self._may_use_reserve(tenant) and self._in_reserve < reserve
                 and may_start(cls, 0, self._settings, self._running[cls], high_active, self._replicas, self._window)):
             return "reserve"  # (in flight 0: the window is the reserve's own; class caps and yields still hold)
         return None
@@ -209,7 +209,7 @@ class PriorityScheduler:
         if not self._may_start(cls, tenant):
             return 0
         free = limit_for(cls, self._window, self._settings, self._replicas) - self._shared_in_flight()
-        if tenant is not None and self._newcomer(tenant):
+        if tenant is not None and self._may_use_reserve(tenant):
             free = max(0, free) + max(0, self.reserved_for_tenants() - self._in_reserve)
         cap = self._settings.max_in_flight_per_class.get(cls.label)
         return free if cap is None else min(free, cap * self._replicas - self._running[cls])
@@ -244,7 +244,7 @@ class PriorityScheduler:
         # (for high) they make a yielding class wait anyway.
         queue = self._queues[cls]
         # Behind waiters of its class only through the tenants' reserve (they cannot use it: they would have).
-        if self._may_start(cls, tenant) and (not queue or self._newcomer(tenant) and not queue.has(tenant)):
+        if self._may_start(cls, tenant) and (not queue or self._may_use_reserve(tenant) and not queue.has(tenant)):
             self._start(cls, tenant)
             self.counter.charge(tenant, cost)
             return 0.0
@@ -268,9 +268,19 @@ class PriorityScheduler:
         _decrement(self._reserve_held, tenant)  # the tenant's slots are alike: one in the reserve frees first
         self._dispatch()
 
-    def _newcomer(self, tenant: str) -> bool:
-        """Does the tenants' reserve apply to this tenant (reserve on, nothing of it running)?"""
-        return self._tenant_reserve and not self._tenant_running.get(tenant)
+    def _may_use_reserve(self, tenant: str) -> bool:
+        """May this tenant start in the tenants' reserve (reserve on)? When it runs nothing, or less than its
+        fair share of the window: the window over the tenants with requests running or waiting."""
+        if not self._tenant_reserve:
+            return False
+        running = self._tenant_running.get(tenant, 0)
+        if not running:
+            return True
+        active = {t for t, n in self._tenant_running.items() if n}
+        for queue in self._queues.values():
+            active |= queue.tenants()
+        sharing = len(active | {tenant})  # alone, a tenant's share is the window: the reserve is for others
+        return sharing > 1 and running < self._window * self._replicas / sharing
 
     def _enqueue(self, cls: PriorityClass, tenant: str = "") -> _Waiter:
         queue = self._queues[cls]
@@ -311,11 +321,11 @@ class PriorityScheduler:
 
     def _next_startable(self, cls: PriorityClass, queue: FairQueue) -> _Waiter | None:
         """The waiter of ``cls`` to start now, taken off the queue: the next in turn if it may start,
-        else (into the tenants' reserve) the first in turn of a tenant with nothing running; None."""
+        else (into the tenants' reserve) the first in turn of a tenant under its fair share; None."""
         if self._may_start(cls, queue.peek().tenant):
             return queue.popleft()
         if self.reserved_for_tenants():
-            tenant = queue.first_tenant_where(self._newcomer)
+            tenant = queue.first_tenant_where(self._may_use_reserve)
             if tenant is not None and self._may_start(cls, tenant):
                 return queue.popleft_of(tenant)
         return None

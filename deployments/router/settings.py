@@ -149,7 +149,8 @@ class QueueSettings(_Strict):
     tenant_reserve: float = Field(
         0.05, ge=0, lt=1,
         description="with API keys and fair sharing: share of the window (at least one slot per LLM replica when "
-                    "above 0) that only a tenant with nothing running may take, so a light tenant's request "
+                    "above 0) that only a tenant running nothing or less than its fair share of the window may "
+                    "take, so a light tenant's request "
                     "starts at once beside a heavy tenant's backlog instead of waiting for one of its slots")
     admit_within: float = Field(
         0.8, gt=0, le=1, description="admit only if the predicted wait is below this share of the start deadline")

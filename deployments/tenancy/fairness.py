@@ -115,6 +115,10 @@ class FairQueue(Generic[W]):
         heads = [(self._rank_waiter(q[0]), tenant) for tenant, q in self._by_tenant.items() if q]
         return min(heads)[1]
 
+    def tenants(self) -> set[str]:
+        """The tenants with requests waiting."""
+        return {tenant for tenant, queue in self._by_tenant.items() if queue}
+
     def has(self, tenant: str) -> bool:
         return bool(self._by_tenant.get(tenant))
 
