@@ -65,7 +65,7 @@ def write_tenants(path: Path, sharing: str) -> None:
     partial.replace(path)
 
 
-def deploy(profile: str, tenants_path: Path) -> str:
+def deploy(profile: str, tenants_path: Path, tenant_reserve: float | None = None) -> str:
     from ray import serve
 
     from deployments.app import build_app_with_router
@@ -75,6 +75,8 @@ def deploy(profile: str, tenants_path: Path) -> str:
     args = {**app["args"], "profile": profile}
     router = router_entry(app)["user_config"]
     router["tenancy"] = {"keys_file": str(tenants_path), "reload_s": 0.5}
+    if tenant_reserve is not None:
+        router["queues"]["tenant_reserve"] = tenant_reserve
     serve.run(build_app_with_router(args, router), name="bench", route_prefix="/", blocking=False)
     model = AppArgs.model_validate(args).primary.model_id
     body = {"model": model, "messages": short_chat(0), "max_tokens": 2}
@@ -212,6 +214,8 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=10.0, help="tenant A's rate over B's")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--client-timeout", type=float, default=180.0)
+    parser.add_argument("--tenant-reserve", type=float, default=None,
+                        help="the router's queues.tenant_reserve (default: serve_config.yaml's)")
     parser.add_argument("--out", type=Path, default=Path("docs/bench/fairness"))
     args = parser.parse_args()
 
@@ -223,7 +227,7 @@ def main() -> None:
     tenants_path = Path(tempfile.mkdtemp()) / "tenants.yaml"
     write_tenants(tenants_path, "fair")
     try:
-        model = deploy(args.profile, tenants_path)
+        model = deploy(args.profile, tenants_path, args.tenant_reserve)
         for phase in ("alone", "fifo", "fair"):
             write_tenants(tenants_path, "fifo" if phase == "fifo" else "fair")
             time.sleep(2)  # re-read within reload_s
