@@ -36,7 +36,8 @@ class Profile(BaseModel):
 
     router_replicas: Optional[int] = Field(
         None, ge=1,
-        description="router replicas an app serving this profile runs (None: as `router.deployment` says). "
+        description="router replicas an app serving this profile runs (None: one, unless the config's Router entry "
+                    "sets them). "
                     "Each streamed chunk costs a router replica about 0.5 ms of one GIL-bound core; on the "
                     "H200, 256 streams went 2.5-3.0k -> 5.1-7.6k tok/s from 1 to 4 (docs/streaming.md)",
     )
