@@ -406,3 +406,32 @@ def test_before_any_low_request_finished_a_flood_is_judged_at_the_engines_speed_
         return RequestLife(plan(pool, cls=P.LOW, max_tokens=256), pool)._refusal()
 
     assert run(scenario()) is None  # 126 x 1.28 s over 2 slots = 81 s: within low's 600 s deadline
+
+
+def test_a_stream_the_client_closes_on_done_is_served_not_gone():
+    """The client (the openai library) closes on [DONE], which may be before the replica's stream reports
+    its end: the answer was delivered whole, so it counts as served, and nothing is aborted."""
+    pool = make_pool()
+    recorded = []
+
+    async def replica():
+        yield 'data: {"choices": [{"delta": {"content": "hi"}}]}\n\n'
+        yield "data: [DONE]\n\n"
+        await asyncio.sleep(30)  # the replica's end arrives late
+
+    async def call():
+        replica_call(pool)
+        return StreamingResponse(replica(), media_type="text/event-stream")
+
+    async def scenario():
+        life = RequestLife(plan(pool, stream=True), pool)
+        life._record = lambda status, reason, tokens: recorded.append((status, reason, tokens))
+        response = await life.run(call)
+        body = response.body_iterator
+        read = [await anext(body), await anext(body)]
+        await body.aclose()  # the client goes away right after [DONE]
+        return read
+
+    assert run(scenario())[-1] == "data: [DONE]\n\n"
+    assert recorded == [(200, "ok", 1)]
+    assert pool.service[P.HIGH].mean_s > 0 and not pool.streaming_handle.chat.calls[-1].cancelled

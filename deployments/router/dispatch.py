@@ -374,9 +374,16 @@ class RequestLife:
                     role_events = chunk.count('"role"')
                 events += chunk.count("data: ")
                 tail = (tail[1], chunk)
+                if chunk.rstrip().endswith("data: [DONE]"):
+                    # The whole answer. A client that closes on [DONE] (the openai library does) is gone
+                    # before the replica's stream reports its end, at this very yield: served, not gone.
+                    status, reason = 200, "ok"
                 yield chunk
         finally:
             slot.release()
+            if not completed and status == 200:
+                completed = True
+                self._served()
             if not completed:  # budget, stall or client gone: the replica aborts the request
                 calls.cancel_all()
             tokens = _usage_tokens("".join(tail))
