@@ -122,8 +122,8 @@ class PriorityScheduler:
 
     def set_sharing(self, fair: bool, reserve: bool = False) -> None:
         """Tenants of a class share it by tokens served (True) or in arrival order (False); with
-        ``reserve`` (keys on, fair sharing) ``tenant_reserve`` of the window waits for tenants with nothing
-        running."""
+        ``reserve`` (keys on, fair sharing) ``tenant_reserve`` of the window waits for tenants running
+        nothing or less than their fair share."""
         for queue in self._queues.values():
             queue.fair = fair
         if reserve != self._tenant_reserve:
@@ -204,8 +204,8 @@ class PriorityScheduler:
         return slots if cap is None else min(slots, cap * self._replicas)
 
     def free_slots(self, cls: PriorityClass, tenant: str | None = None) -> int:
-        """Slots a new request of ``cls`` (from ``tenant``: the tenants' reserve counts for one with nothing
-        running) could take now (0 when its cap or a yield holds it back)."""
+        """Slots a new request of ``cls`` (from ``tenant``: the tenants' reserve counts for one that may use
+        it) could take now (0 when its cap or a yield holds it back)."""
         if not self._may_start(cls, tenant):
             return 0
         free = limit_for(cls, self._window, self._settings, self._replicas) - self._shared_in_flight()
