@@ -115,7 +115,7 @@ class Router(OpenAiIngress):
         try:
             settings = RouterSettings.model_validate(user_config or {})
             self._apply(settings)
-        except ValueError as exc:  # pydantic.ValidationError is a ValueError
+        except Exception as exc:  # invalid settings (ValidationError), or a tenants file missing or unparsable
             if not self._reconfigured:
                 raise
             self._rejected = f"{type(exc).__name__}: {exc}"[:2000]
