@@ -291,10 +291,10 @@ def run_target(target: str, args, capacity: dict) -> tuple[list[Sample], dict]:
 
 
 def slo_of(profile: str) -> dict:
-    from deployments.config.app_args import app_args_from_serve_config
+    from deployments.config.app_args import served_app_from_serve_config
 
-    app_args = app_args_from_serve_config()
-    queues = app_args.queue_settings(app_args.profiles[profile])
+    app = served_app_from_serve_config()  # the router's queue settings are its user_config now
+    queues = app.queue_settings(app.args.profiles[profile])
     return {cls: {"ttft_s": t.ttft_s, "tpot_s": t.tpot_s} for cls, t in queues.classes.items()}
 
 

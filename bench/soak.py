@@ -225,11 +225,11 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
-    from deployments.config.app_args import app_args_from_serve_config
+    from deployments.config.app_args import served_app_from_serve_config
 
-    app_args = app_args_from_serve_config()
-    model = app_args.primary.model_id
-    bounds = hang_bounds(app_args.queue_settings(app_args.profiles[app_args.profile]))
+    app = served_app_from_serve_config()
+    model = app.args.primary.model_id
+    bounds = hang_bounds(app.queue_settings(app.args.profiles[app.args.profile]))
     log = open(args.out / "serve.log", "w")
     server = spawn([sys.executable, "scripts/serve.py"], cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:
