@@ -1,4 +1,4 @@
-r"""Streaming at GPU scale, pass 1: where the time goes (issue 12). Measurement only.
+r"""Streaming at GPU scale (issue 12): bare vLLM vs the stock app vs ours on the lent H200. Measurement only.
 
 One target per process, each started, measured and stopped within one device call:
 
@@ -52,8 +52,15 @@ Exact commands (docs/streaming.md), from the repository root here:
 
 MODEL_DIR defaults to /tmp/dq (``make_dummy_qwen.py``). ``PYSPY`` names the py-spy binary
 (default /tmp/pyspy/bin/py-spy); without it the profiled phase is skipped. Results under ``$OUT``
-(default /tmp/out): ``res_TARGET.json`` (saved after every phase), ``profile_TARGET.txt`` (the tables),
-``stacks_TARGET.tgz``, ``server_TARGET.txt`` (log excerpts).
+(default /tmp/out): ``res_RUN.json`` (saved after every phase), ``profile_RUN.txt`` (the tables),
+``stacks_RUN.tgz``, ``server_RUN.txt`` (log excerpts). RUN is the target's name, except as below.
+
+Pass 3 (ours only): ``STREAM_BATCHING_MS=50`` adds ``experimental_configs: {stream_batching_interval_ms:
+50}`` to the served profile's llm_config, which gives the LLM replica Ray Serve LLM's fixed-window
+batcher back instead of the project's ready-batching (deployments/server/stream_batching.py). The run
+is then named ``ours_window`` (``res_ours_window.json`` ...) and the setting is recorded in the result
+(``stream_batching_interval_ms``). ``res_*.json`` also records the sha256 of the stream-batching code
+that was measured (``code``).
 """
 
 from __future__ import annotations
@@ -84,6 +91,9 @@ CLIENT_PROCS = 8
 # deployment's autoscaling bounds change, a lightweight update: the LLM replica and its engine stay up)
 # and repeat c64 / c256. "" runs pass 1's phases.
 ROUTER_STEPS = [int(x) for x in os.environ.get("ROUTER_STEPS", "").split(",") if x.strip()]
+# Pass 3 (ours only): Ray Serve LLM's fixed stream-batching window back, in ms ("" = the project's default,
+# ready-batching without a window). Set, the run is named "ours_window".
+STREAM_BATCHING_MS = os.environ.get("STREAM_BATCHING_MS", "").strip()
 DEPLOYED: dict = {}
 
 
@@ -258,7 +268,7 @@ def client_main(spec_json: str, out_path: str) -> None:
 
 # =============================================================================================== driver
 def log(*a):
-    print(f"[{time.time() - T0:6.1f}s] [{TARGET}]", *a, flush=True)
+    print(f"[{time.time() - T0:6.1f}s] [{RUN}]", *a, flush=True)
 
 
 def left() -> float:
@@ -267,7 +277,7 @@ def left() -> float:
 
 def save():
     os.makedirs(OUT, exist_ok=True)
-    with open(os.path.join(OUT, f"res_{TARGET}.json"), "w") as f:
+    with open(os.path.join(OUT, f"res_{RUN}.json"), "w") as f:
         json.dump(res, f, indent=1, default=str)
 
 
@@ -575,6 +585,10 @@ def start_target() -> tuple[str, object]:
         from deployments.config.app_args import router_entry
         router_entry(cfg["applications"][0])["autoscaling_config"] = {
             "min_replicas": int(os.environ["ROUTERS"]), "max_replicas": int(os.environ["ROUTERS"])}
+    if TARGET == "ours" and STREAM_BATCHING_MS:  # pass 3: Ray Serve LLM's fixed window back (ours_window)
+        lc = cfg["applications"][0]["args"]["profiles"][cfgmod.PROFILE]["llm_config"]
+        lc.setdefault("experimental_configs", {})["stream_batching_interval_ms"] = int(STREAM_BATCHING_MS)
+        res["stream_batching_interval_ms"] = int(STREAM_BATCHING_MS)
     if TARGET == "ours":  # the project's own stat-logger plugin, as `pip install -e .` registers it
         cfgmod.register_stat_loggers(ep_dir, {"llm_serving_engine_load":
                                               "deployments.server.engine_load:EngineLoadLogger"})
@@ -643,6 +657,19 @@ def stop_target(handle) -> None:
     ray.shutdown()
 
 
+def code_hashes() -> dict:
+    """sha256 (first 16 hex digits) of the stream-batching code measured; the tree may be ahead of any commit."""
+    import hashlib
+    out = {"stream_batching_interval_ms": int(STREAM_BATCHING_MS) if STREAM_BATCHING_MS else None}
+    for rel in ("deployments/server/stream_batching.py", "deployments/server/llm_server.py",
+                "deployments/router/dispatch.py", "serve_config.yaml"):
+        try:
+            out[rel] = hashlib.sha256((REPO / rel).read_bytes()).hexdigest()[:16]
+        except OSError:
+            out[rel] = None
+    return out
+
+
 def versions_and_settings() -> dict:
     out = {"python": sys.version.split()[0]}
     for mod in ("vllm", "ray", "httpx", "uvloop", "uvicorn", "starlette", "fastapi", "orjson", "torch"):
@@ -672,7 +699,7 @@ def run_phase(name: str, base: str, roles: dict[str, int], *, n: int, stream: bo
               timeout: float = 200.0) -> dict | None:
     spec = {"base": base, "n": n, "stream": stream, "seed": seed, "max_tokens": max_tokens,
             "sequential": sequential, "procs": CLIENT_PROCS, "start_at": 0.0, "timeout": 300.0}
-    out_path = f"/tmp/gpu_streaming_{TARGET}_{name}.json"
+    out_path = f"/tmp/gpu_streaming_{RUN}_{name}.json"
     for stale in (out_path, out_path + ".started"):
         if os.path.exists(stale):
             os.remove(stale)
@@ -694,10 +721,10 @@ def run_phase(name: str, base: str, roles: dict[str, int], *, n: int, stream: bo
             for role in spy_roles:
                 if role not in roles:
                     continue
-                raw = f"/tmp/pyspy_{TARGET}_{role}.txt"
+                raw = f"/tmp/pyspy_{RUN}_{role}.txt"
                 cmd = [PYSPY, "record", "--nonblocking", "--threads", "-r", "100", "-d", str(dur), "-p",
                        str(roles[role]), "-f", "raw", "-o", raw]
-                errf = open(f"/tmp/pyspy_{TARGET}_{role}.err", "w")
+                errf = open(f"/tmp/pyspy_{RUN}_{role}.err", "w")
                 spies[role] = (subprocess.Popen(cmd, stdout=errf, stderr=subprocess.STDOUT), raw, dur, errf)
 
         def when_started():
@@ -789,11 +816,11 @@ def run_phase(name: str, base: str, roles: dict[str, int], *, n: int, stream: bo
             prof["_"] = {"error": "py-spy did not start (timer)"}
         ph["profile"] = prof
         text = profile_text(prof)
-        with open(os.path.join(OUT, f"profile_{TARGET}.txt"), "w") as f:
-            f.write(f"# {TARGET}, phase {name}: 256 concurrent streams; client: {json.dumps(cs)[:600]}\n"
+        with open(os.path.join(OUT, f"profile_{RUN}.txt"), "w") as f:
+            f.write(f"# {RUN}, phase {name}: 256 concurrent streams; client: {json.dumps(cs)[:600]}\n"
                     f"# CPU per role: {json.dumps(cpu['roles'])}\n\n" + text)
-        sh(f"cd /tmp && tar -czf {OUT}/stacks_{TARGET}.tgz pyspy_{TARGET}_*.txt pyspy_{TARGET}_*.err; "
-           f"[ $(stat -c %s {OUT}/stacks_{TARGET}.tgz) -lt 12000000 ] || rm -f {OUT}/stacks_{TARGET}.tgz", 60)
+        sh(f"cd /tmp && tar -czf {OUT}/stacks_{RUN}.tgz pyspy_{RUN}_*.txt pyspy_{RUN}_*.err; "
+           f"[ $(stat -c %s {OUT}/stacks_{RUN}.tgz) -lt 12000000 ] || rm -f {OUT}/stacks_{RUN}.tgz", 60)
     res["phases"][name] = ph
     brief = {k: cs.get(k) for k in ("status", "out_tok_s", "wall_s", "ttft_p50", "ttft_p99", "chunks_per_req_p50",
                                     "gap_ms_p50", "gap_ms_p99", "tpot_ms_p50", "e2e_tok_s", "client_cpu_util_max",
@@ -811,10 +838,10 @@ def server_excerpt() -> None:
         src = "/tmp/ray/session_latest/logs/serve/*.log /tmp/ray/session_latest/logs/worker-*"
     sh(f"grep -h -E -i 'non-default args|Asynchronous scheduling|async_scheduling|max_num_seqs|chunked|"
        f"Traceback|Error|uvloop|attention backend|KV cache|could not' {src} 2>/dev/null "
-       f"| grep -v -E 'HTTP/1.1\" 200|metrics' | cut -c1-400 | head -120 > {OUT}/server_{TARGET}.txt", 60)
+       f"| grep -v -E 'HTTP/1.1\" 200|metrics' | cut -c1-400 | head -120 > {OUT}/server_{RUN}.txt", 60)
     if TARGET == "ours":  # the GPU signal as the replica learnt it and as the policy used it
         sh(f"grep -h -E 'autoscaling |GPU group|GPU reading|no GPU signal|EngineCore.*pid|Started engine|"
-           f"Replica.*(started|stopped)' {src} 2>/dev/null | cut -c1-400 | tail -150 > {OUT}/autoscaling_{TARGET}.txt", 60)
+           f"Replica.*(started|stopped)' {src} 2>/dev/null | cut -c1-400 | tail -150 > {OUT}/autoscaling_{RUN}.txt", 60)
 
 
 def redeploy_routers(n: int, limit_s: float = 120) -> float:
@@ -870,6 +897,7 @@ def main() -> None:
             sh(f"{sys.executable} -m ray.scripts.scripts stop --force", 90)[-300:])
         time.sleep(3)
     res["versions"] = versions_and_settings()
+    res["code"] = code_hashes()
     res["pyspy"] = pyspy_ok() or sh(f"{PYSPY} --version")
     try:
         base, handle = start_target()
@@ -954,10 +982,12 @@ if __name__ == "__main__":
         sys.exit(0)
     TARGET = sys.argv[1] if len(sys.argv) > 1 else "stock"
     assert TARGET in ("bare", "stock", "ours"), "TARGET: bare | stock | ours"
+    assert not STREAM_BATCHING_MS or TARGET == "ours", "STREAM_BATCHING_MS applies to ours only"
+    RUN = "ours_window" if STREAM_BATCHING_MS else TARGET
     DEADLINE = float(sys.argv[2]) if len(sys.argv) > 2 else 540.0
     MODEL_DIR = sys.argv[3] if len(sys.argv) > 3 else "/tmp/dq"
     sys.path.insert(0, str(HERE))
-    res: dict = {"target": TARGET, "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "phases": {}}
+    res: dict = {"target": TARGET, "run": RUN, "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "phases": {}}
     main()
     sys.stdout.flush()
     os._exit(0)

@@ -1,12 +1,18 @@
 """The streaming comparison table from bench/gpu_streaming.py's results (issue 12).
 
     python bench/streaming_report.py docs/bench/streaming/pass2
+    python bench/streaming_report.py docs/bench/streaming/pass3
+
 
 Reads every ``res_*.json`` in the folder (one per target run, saved by gpu_streaming.py), takes bare
 vLLM's phases as the reference and prints, per run and phase: output tok/s and its ratio to bare's
 same phase, TTFT p50/p99, the inter-chunk gap p99, tokens per SSE chunk, and the CPU seconds of each
 Serve hop over the phase (every Router replica summed) with the hop's share of one core over the
-phase's wall time. Nothing is measured here; it only tabulates what the device runs wrote.
+phase's wall time. A second table gives the streamed phases in milliseconds (TTFT p50/p99, the gap
+p50/p99 and its excess over bare's same phase, chunks per request, client TPOT p50) and each 1-stream
+request's TTFT, which the first table's seconds are too coarse for. A run is named by its file
+(``res_ours_window.json`` -> ``ours_window``). Nothing is measured here; it only tabulates what the
+device runs wrote.
 """
 
 from __future__ import annotations
@@ -57,5 +63,30 @@ def rows(folder: Path) -> list[str]:
     return out
 
 
+def detail_rows(folder: Path) -> list[str]:
+    """The streamed phases in ms, with the gap p99 over bare's same phase (the issue's "added delay")."""
+    runs = {p.stem[len("res_"):]: json.loads(p.read_text()) for p in sorted(folder.glob("res_*.json"))}
+    bare = runs.get("bare", {}).get("phases", {})
+    out = ["| run | phase | TTFT p50 / p99 ms | 1-stream TTFTs ms | gap p50 / p99 ms | gap p99 − bare ms "
+           "| chunks/req p50 | TPOT p50 ms |",
+           "|---|---|---|---|---|---|---|---|"]
+    for run, res in runs.items():
+        for name in PHASES:
+            c = res.get("phases", {}).get(name, {}).get("client")
+            if not c or not c.get("stream"):
+                continue
+            ref = bare.get(name.split("_")[0].rstrip("b"), {}).get("client", {}).get("gap_ms_p99")
+            extra = f"{c['gap_ms_p99'] - ref:+.1f}" if ref is not None and c.get("gap_ms_p99") is not None else "-"
+            ttft = (f"{1000 * c['ttft_p50']:.1f} / {1000 * c['ttft_p99']:.1f}"
+                    if c.get("ttft_p50") is not None else "-")
+            each = ", ".join(f"{x:.1f}" for x in c.get("ttfts_ms") or []) or "-"
+            out.append(f"| {run} | {name} | {ttft} | {each} | {c.get('gap_ms_p50', '-')} / {c.get('gap_ms_p99', '-')} "
+                       f"| {extra} | {c.get('chunks_per_req_p50', '-')} | {c.get('tpot_ms_p50', '-')} |")
+    return out
+
+
 if __name__ == "__main__":
-    print("\n".join(rows(Path(sys.argv[1] if len(sys.argv) > 1 else "docs/bench/streaming/pass2"))))
+    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/bench/streaming/pass2")
+    print("\n".join(rows(folder)))
+    print()
+    print("\n".join(detail_rows(folder)))
