@@ -9,6 +9,11 @@ Seeded sampling: before that warm-up the replica makes vLLM's workers safe for
 seeded requests under chunked prefill (``seeded_sampling.py``; a no-op where
 vLLM's generator rewind works, as on GPUs).
 
+Stream batching: a stream's outputs go to the router as soon as any are ready,
+merged only while the router is behind (``stream_batching.py``), instead of
+Ray Serve LLM's fixed 50 ms window; a profile that sets
+``experimental_configs.stream_batching_interval_ms`` keeps Ray's window.
+
 GPU signal: the replica asks its vLLM workers (by method name, see
 ``worker_extension.py``) which GPUs they compute on, then reads those GPUs'
 utilisation and memory with NVML every ``GPU_POLL_S``, off the event loop. The
@@ -28,6 +33,7 @@ from deployments.autoscaling.gpu import GpuGroupReading, device_uuids, read_grou
 from deployments.config.names import ENGINE_RUNNING, ENGINE_WAITING, GPU_UTILIZATION, KV_CACHE_USAGE, pool_of_deployment
 from deployments.observability import metrics
 from deployments.server.engine_load import current_load
+from deployments.server.stream_batching import ready_batches
 from deployments.server.worker_extension import GPU_UUID_RPC, SEEDED_SAMPLING_RPC, extension_kwargs
 from deployments.warm_up import one_token_request
 
@@ -84,6 +90,12 @@ class ObservedLLMServer(LLMServer):
         async for _ in await self.chat(one_token_request(self._llm_config.model_id)):
             pass
         logger.info("engine warmed up: first one-token answer after %.1fs", time.monotonic() - started)
+
+    def _batch_output_stream(self, generator):
+        """Ray Serve LLM's hook for merging a stream's outputs: ours adds no delay (module docstring)."""
+        if self._llm_config.experimental_configs.get("stream_batching_interval_ms") is not None:
+            return super()._batch_output_stream(generator)
+        return ready_batches(generator)
 
     async def record_autoscaling_stats(self) -> dict:
         """Serve's custom autoscaling metrics for this replica (see deployments/autoscaling)."""
