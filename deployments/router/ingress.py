@@ -103,7 +103,7 @@ class Router(OpenAiIngress):
                     next(iter(model_cards)))
         self._background: list[asyncio.Task] = []
 
-    def reconfigure(self, user_config: dict) -> None:
+    async def reconfigure(self, user_config: dict) -> None:
         """Serve's hook for the deployment's ``user_config`` (the router's settings), at start and on every
         ``serve deploy`` that changes it, without a restart.
 
@@ -111,7 +111,11 @@ class Router(OpenAiIngress):
         and Serve reports the deploy failed. A running replica keeps the settings it has instead, logs
         the error and shows it on /health (``router_settings_rejected``): Serve would stop a replica whose
         reconfigure raised and start ones that fail the same way, so a typo would take the service down.
-        ``python -m deployments.config.app_args`` checks a config before it is deployed."""
+        ``python -m deployments.config.app_args`` checks a config before it is deployed.
+
+        The pools' readiness watch starts here, before Serve routes to the replica: a router replica
+        added to a running app then answers as soon as its first probe has (a lazy start would answer
+        its first requests 503, "the model is loading")."""
         try:
             settings = RouterSettings.model_validate(user_config or {})
             self._apply(settings)
@@ -122,6 +126,7 @@ class Router(OpenAiIngress):
             logger.error("router settings rejected, keeping the current ones: %s", self._rejected)
             return
         self._reconfigured, self._rejected = True, None
+        self._start_background()
 
     def _apply(self, settings: RouterSettings, handles: dict | None = None, model_id: str | None = None) -> None:
         queues = {route.name: queue_settings_for(settings.queues, self._queue_overrides.get(route.name, {}))
