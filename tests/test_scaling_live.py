@@ -29,6 +29,7 @@ from tests.cluster import redeploy, replica_states, run, running_replicas, wait_
 pytestmark = [pytest.mark.integration, pytest.mark.changes_app]
 
 FAST_POLICY = {"upscale_delay_s": 5, "downscale_delay_s": 20, "target_queue_per_replica": 1}
+LOOK_BACK_S = 10  # Serve's look-back over the replicas' metrics
 
 
 def scaling_config(tmp_path) -> str:
@@ -36,7 +37,8 @@ def scaling_config(tmp_path) -> str:
     app = config["applications"][0]
     app["autoscaling_policy"]["policy_kwargs"].update(FAST_POLICY)
     llm = app["args"]["profiles"][app["args"]["profile"]]["llm_config"]
-    llm["deployment_config"]["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 2, "look_back_period_s": 10}
+    llm["deployment_config"]["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 2,
+                                                      "look_back_period_s": LOOK_BACK_S}
     # Longer than any stream the test runs (Serve's default, 20 s, would cut a long one off).
     llm["deployment_config"]["graceful_shutdown_timeout_s"] = 600
     path = tmp_path / "serve_scaling.yaml"
@@ -95,16 +97,17 @@ class Load:
         self.thread.join(timeout=60)
 
 
-STREAM_TOKENS = 2000  # the admission cap (2048) allows it; long enough to outlast the scale-down
+MAX_STREAM_TOKENS = 2000  # the admission cap (2048) allows it
 STREAMS = [f"Story {i}: write a very long story about a lighthouse keeper." for i in range(4)]
 SERVE_LOGS = Path("/tmp/ray/session_latest/logs/serve")
 
 
-def long_stream(base_url: str, model_id: str, text: str) -> dict:
-    """One streamed chat of STREAM_TOKENS tokens: its request id, end time, finish reason and usage."""
-    body = {"model": model_id, "messages": [{"role": "user", "content": text}], "max_tokens": STREAM_TOKENS,
+def long_stream(base_url: str, model_id: str, text: str, tokens: int) -> dict:
+    """One streamed chat of ``tokens`` tokens: its request id, first-token and end times (monotonic
+    seconds), finish reason and usage."""
+    body = {"model": model_id, "messages": [{"role": "user", "content": text}], "max_tokens": tokens,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-    result = {"finish_reason": None, "completion_tokens": None}
+    result = {"finish_reason": None, "completion_tokens": None, "first_token_at": None}
     with httpx.stream("POST", base_url + "/v1/chat/completions", json=body, timeout=600) as response:
         assert response.status_code == 200, response.read()
         result["request_id"] = response.headers["x-request-id"]
@@ -113,11 +116,22 @@ def long_stream(base_url: str, model_id: str, text: str) -> dict:
                 continue
             chunk = json.loads(line[len("data: "):])
             for choice in chunk.get("choices") or []:
+                result["first_token_at"] = result["first_token_at"] or time.monotonic()
                 result["finish_reason"] = choice.get("finish_reason") or result["finish_reason"]
             if chunk.get("usage"):
                 result["completion_tokens"] = chunk["usage"]["completion_tokens"]
     result["finished_at"] = time.monotonic()
     return result
+
+
+def stream_tokens_outlasting(seconds: float, base_url: str, model_id: str) -> int:
+    """Enough tokens for a stream to last ``seconds`` at least, from the decode rate of one stream
+    alone on the idle app (measured here: four streams on two engines only run slower)."""
+    probe = long_stream(base_url, model_id, "Count slowly.", 128)
+    rate = (probe["completion_tokens"] - 1) / (probe["finished_at"] - probe["first_token_at"])
+    tokens = min(MAX_STREAM_TOKENS, int(rate * seconds) + 1)
+    print(f"one stream alone: {rate:.1f} tok/s; streams of {tokens} tokens to outlast {seconds:.0f}s")
+    return tokens
 
 
 def llm_replica_ids() -> set[str]:
@@ -145,6 +159,9 @@ def starting_or_running() -> int:
 def test_load_brings_a_second_replica_and_idleness_takes_it_away(base_url, model_id, tmp_path):
     redeploy(scaling_config(tmp_path))
     assert running_replicas() == 1
+    # The streams must outlast the scale-down: the policy's delay plus Serve's look-back, twice over.
+    stream_tokens = stream_tokens_outlasting(2 * (FAST_POLICY["downscale_delay_s"] + LOOK_BACK_S), base_url,
+                                             model_id)
     with Load(base_url, model_id) as load:
         # The policy's decision is what the load must bring; once Serve starts the replica the load
         # stops, so the new engine loads on cores the old one no longer fills (under a busy core it
@@ -158,7 +175,7 @@ def test_load_brings_a_second_replica_and_idleness_takes_it_away(base_url, model
     # both replicas: the policy takes one replica away while they run; Serve's graceful shutdown lets
     # the stopping replica finish its streams before it goes.
     with ThreadPoolExecutor(len(STREAMS)) as pool:
-        streams = [pool.submit(long_stream, base_url, model_id, text) for text in STREAMS]
+        streams = [pool.submit(long_stream, base_url, model_id, text, stream_tokens) for text in STREAMS]
         down_s = wait_for(lambda: running_replicas() == 1, 300, "scale back to one replica")
         stopped_at = time.monotonic()
         print(f"back to one RUNNING replica {down_s:.0f}s after that")
@@ -171,4 +188,4 @@ def test_load_brings_a_second_replica_and_idleness_takes_it_away(base_url, model
     for result in on_stopped:
         assert result["finished_at"] > stopped_at  # it was still streaming when the replica was told to stop
     for result in results:  # and every stream, there or on the survivor, ran to its full length
-        assert result["finish_reason"] == "length" and result["completion_tokens"] == STREAM_TOKENS, result
+        assert result["finish_reason"] == "length" and result["completion_tokens"] == stream_tokens, result
