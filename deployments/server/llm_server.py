@@ -9,10 +9,11 @@ Seeded sampling: before that warm-up the replica makes vLLM's workers safe for
 seeded requests under chunked prefill (``seeded_sampling.py``; a no-op where
 vLLM's generator rewind works, as on GPUs).
 
-Stream batching: a stream's outputs go to the router as soon as any are ready,
-merged only while the router is behind (``stream_batching.py``), instead of
-Ray Serve LLM's fixed 50 ms window; a profile that sets
-``experimental_configs.stream_batching_interval_ms`` keeps Ray's window.
+Stream batching: a stream's outputs go to the router at a pace set by how many
+streams the replica has open (``stream_batching.py``): at once while few are,
+merged under load, instead of Ray Serve LLM's fixed 50 ms window. A profile's
+``experimental_configs.stream_batches_per_s`` sets the budget; one that sets
+``stream_batching_interval_ms`` keeps Ray's window.
 
 GPU signal: the replica asks its vLLM workers (by method name, see
 ``worker_extension.py``) which GPUs they compute on, then reads those GPUs'
@@ -33,7 +34,7 @@ from deployments.autoscaling.gpu import GpuGroupReading, device_uuids, read_grou
 from deployments.config.names import ENGINE_RUNNING, ENGINE_WAITING, GPU_UTILIZATION, KV_CACHE_USAGE, pool_of_deployment
 from deployments.observability import metrics
 from deployments.server.engine_load import current_load
-from deployments.server.stream_batching import ready_batches
+from deployments.server.stream_batching import DEFAULT_BATCHES_PER_S, StreamPacer, paced_batches
 from deployments.server.worker_extension import GPU_UUID_RPC, SEEDED_SAMPLING_RPC, extension_kwargs
 from deployments.warm_up import one_token_request
 
@@ -47,6 +48,7 @@ GPU_POLL_S = 1.0
 
 class ObservedLLMServer(LLMServer):
     _gpu_reading: GpuGroupReading | None = None
+    _pacer: StreamPacer | None = None  # made at the first stream, from the profile
 
     async def start(self):
         self._add_extension()
@@ -92,10 +94,13 @@ class ObservedLLMServer(LLMServer):
         logger.info("engine warmed up: first one-token answer after %.1fs", time.monotonic() - started)
 
     def _batch_output_stream(self, generator):
-        """Ray Serve LLM's hook for merging a stream's outputs: ours adds no delay (module docstring)."""
-        if self._llm_config.experimental_configs.get("stream_batching_interval_ms") is not None:
+        """Ray Serve LLM's hook for merging a stream's outputs: ours paced by load (module docstring)."""
+        configs = self._llm_config.experimental_configs
+        if configs.get("stream_batching_interval_ms") is not None:
             return super()._batch_output_stream(generator)
-        return ready_batches(generator)
+        if self._pacer is None:
+            self._pacer = StreamPacer(float(configs.get("stream_batches_per_s", DEFAULT_BATCHES_PER_S)))
+        return paced_batches(generator, self._pacer)
 
     async def record_autoscaling_stats(self) -> dict:
         """Serve's custom autoscaling metrics for this replica (see deployments/autoscaling)."""
