@@ -40,9 +40,19 @@ def _hops(phase: dict) -> dict[str, float]:
     return hops
 
 
-def rows(folder: Path) -> list[str]:
+def _runs(folder: Path) -> tuple[dict, dict]:
+    """Every run's results by name, and bare's phases (the reference)."""
     runs = {p.stem[len("res_"):]: json.loads(p.read_text()) for p in sorted(folder.glob("res_*.json"))}
-    bare = runs.get("bare", {}).get("phases", {})
+    return runs, runs.get("bare", {}).get("phases", {})
+
+
+def _bare(bare: dict, phase: str, key: str):
+    """Bare's figure for the same phase (``c64_r4`` and ``c64b`` compare with ``c64``)."""
+    return bare.get(phase.split("_")[0].rstrip("b"), {}).get("client", {}).get(key)
+
+
+def rows(folder: Path) -> list[str]:
+    runs, bare = _runs(folder)
     out = ["| run | phase | output tok/s | ÷ bare | TTFT p50 / p99 s | gap p99 ms | tok/chunk "
            "| CPU s: proxy / routers / LLM replica / engine (cores) |",
            "|---|---|---|---|---|---|---|---|"]
@@ -52,7 +62,7 @@ def rows(folder: Path) -> list[str]:
             if not phase:
                 continue
             c = phase["client"]
-            ref = bare.get(name.split("_")[0].rstrip("b"), {}).get("client", {}).get("out_tok_s")
+            ref = _bare(bare, name, "out_tok_s")
             ratio = f"{c['out_tok_s'] / ref:.2f}×" if ref else "-"
             ttft = f"{c['ttft_p50']:.2f} / {c['ttft_p99']:.2f}" if c.get("ttft_p50") is not None else "-"
             wall = c["wall_s"] or 1.0
@@ -65,8 +75,7 @@ def rows(folder: Path) -> list[str]:
 
 def detail_rows(folder: Path) -> list[str]:
     """The streamed phases in ms, with the gap p99 over bare's same phase (the issue's "added delay")."""
-    runs = {p.stem[len("res_"):]: json.loads(p.read_text()) for p in sorted(folder.glob("res_*.json"))}
-    bare = runs.get("bare", {}).get("phases", {})
+    runs, bare = _runs(folder)
     out = ["| run | phase | TTFT p50 / p99 ms | 1-stream TTFTs ms | gap p50 / p99 ms | gap p99 − bare ms "
            "| chunks/req p50 | TPOT p50 ms |",
            "|---|---|---|---|---|---|---|---|"]
@@ -75,7 +84,7 @@ def detail_rows(folder: Path) -> list[str]:
             c = res.get("phases", {}).get(name, {}).get("client")
             if not c or not c.get("stream"):
                 continue
-            ref = bare.get(name.split("_")[0].rstrip("b"), {}).get("client", {}).get("gap_ms_p99")
+            ref = _bare(bare, name, "gap_ms_p99")
             extra = f"{c['gap_ms_p99'] - ref:+.1f}" if ref is not None and c.get("gap_ms_p99") is not None else "-"
             ttft = (f"{1000 * c['ttft_p50']:.1f} / {1000 * c['ttft_p99']:.1f}"
                     if c.get("ttft_p50") is not None else "-")
