@@ -228,3 +228,41 @@ def test_gpu_group_reading_is_absent_without_nvml_gpus():
         pytest.skip("this host has NVIDIA GPUs")
     assert read_group(["GPU-00000000-0000-0000-0000-000000000000"], samples=1) is None
     assert read_group([], samples=1) is None
+
+
+# --- errors raised by vLLM or Ray Serve LLM, as a client reads them ------------------------------------------
+
+@pytest.mark.parametrize("raw, message, param", [
+    ("Message: vllm.exceptions.VLLMValidationError: Either prompt or prompt_embeds must be provided and non-empty. "
+     "(parameter=prompt) (Request ID: 4e6b), Internal exception: vllm.exceptions.VLLMValidationError: Either "
+     "prompt ... (Request ID: 4e6b), original exception: Either prompt",
+     "Either prompt or prompt_embeds must be provided and non-empty. (parameter=prompt)", "prompt"),
+    ("Message: Unable to find nope. Please ensure that the model exists and you have permission. (Request ID: 5a6), "
+     "Internal exception: ray.llm._internal.serve.core.configs.openai_api_models.OpenAIHTTPException (Request ID: "
+     "5a6), original exception: ",
+     "Unable to find nope. Please ensure that the model exists and you have permission.", None),
+    ("Requested sample logprobs of 100, which is greater than max allowed: 20 (parameter=logprobs, value=100)",
+     "Requested sample logprobs of 100, which is greater than max allowed: 20 (parameter=logprobs, value=100)",
+     "logprobs"),
+    ("top_k must be 0 (disable), or at least 1, got -5.", "top_k must be 0 (disable), or at least 1, got -5.", None),
+])
+def test_an_engine_error_reads_once_without_exception_classes_and_names_its_field(raw, message, param):
+    from deployments.router.errors import readable
+
+    assert readable(raw) == (message, param)
+
+
+@pytest.mark.parametrize("status, given, expected", [
+    (400, "BadRequestError", "invalid_request_error"),
+    (404, "OpenAIHTTPException", "invalid_request_error"),
+    (405, None, "invalid_request_error"),
+    (415, None, "invalid_request_error"),
+    (429, None, "rate_limit_error"),
+    (401, "authentication_error", "authentication_error"),
+    (500, "InternalServerError", "server_error"),
+    (503, None, "service_unavailable_error"),
+])
+def test_an_error_type_is_always_one_of_openais(status, given, expected):
+    from deployments.router.errors import error_type_for
+
+    assert error_type_for(status, given) == expected

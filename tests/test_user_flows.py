@@ -6,10 +6,13 @@ the `serve deploy` cluster is the session's, and its shutdown is checked last.
 
 from __future__ import annotations
 
+import subprocess
+
 import openai
 import pytest
 
-from tests.cluster import BASE_URL, ServeRunProcess, engine_processes, port_open, ray_running, wait_until
+from tests.cluster import (BASE_URL, BIN, REPO_ROOT, ServeRunProcess, clean_env, engine_processes, port_open,
+                           ray_running, spawn, stop, wait_until)
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -43,6 +46,22 @@ def test_serve_run_answers_then_shuts_down(model_id):
     assert not port_open(), "port 8000 still open after serve run exited"
     assert not ray_running(), "serve run left its Ray instance behind"
     assert wait_until(lambda: not engine_processes()), f"vLLM processes left: {engine_processes()}"
+
+
+@pytest.mark.runs_first
+def test_make_serve_without_the_model_says_how_to_prepare_it_and_exits(tmp_path):
+    """`serve run` keeps running after its app failed to deploy; `make serve` stops it and exits 1."""
+    env = clean_env() | {"LLM_SERVE_MODEL_CACHE": str(tmp_path / "empty-cache")}
+    proc = spawn([str(BIN / "python"), "scripts/serve.py"], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                 stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        stop(proc)
+    assert proc.returncode == 1, output[-3000:]
+    assert "failed: the app did not deploy" in output and "deployments.models.embedded prepare" in output
+    assert not port_open(), "port 8000 still open after the failed start"
+    assert wait_until(lambda: not ray_running(), 30), "the failed start left its Ray instance behind"
 
 
 def test_serve_deploy_answers(deployed_cluster, model_id):

@@ -41,7 +41,7 @@ from deployments.observability import metrics
 from deployments.observability.tracing import RequestTrace
 from deployments.router.budgets import Budgets
 from deployments.router.cancellation import CallTracker
-from deployments.router.errors import openai_error, sse_error_event
+from deployments.router.errors import openai_error, readable, sse_error_event
 from deployments.router.forecast import admits
 from deployments.router.pool import PoolState
 from deployments.router.scheduler import QueueFull, QueueTimeout, Shed
@@ -138,9 +138,9 @@ class RequestLife:
         self._first_token_at: float | None = None
 
     def _error(self, status: int, message: str, error_type: str | None = None, *, reason: str,
-               **extra_headers) -> Response:
+               param: str | None = None, **extra_headers) -> Response:
         self._finished(status, reason)
-        return openai_error(status, message, error_type, headers=self.plan.headers | extra_headers)
+        return openai_error(status, message, error_type, param=param, headers=self.plan.headers | extra_headers)
 
     def _finished(self, status: int, reason: str, output_tokens: int | None = None) -> None:
         """Record the request's outcome once (metrics), and what its engine work cost and delivered."""
@@ -289,7 +289,8 @@ class RequestLife:
             slot.release()
             if exc.status_code >= 500:
                 self.pool.circuit.record_failure(f"engine error {exc.status_code}: {exc.message}"[:300])
-            return self._error(exc.status_code, exc.message, exc.type, reason="engine_error")
+            message, param = readable(exc.message)
+            return self._error(exc.status_code, message, exc.type, param=param, reason="engine_error")
         except Exception as exc:  # the replica or its engine failed
             calls.cancel_all()
             slot.release()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Mapping
 
 from fastapi import FastAPI, Request
@@ -12,17 +13,44 @@ from starlette.responses import JSONResponse
 
 from deployments.observability import metrics
 
-# OpenAI's error `type` for each status the router answers with.
+# OpenAI's error `type` for each status the router answers with; any other 4xx is the client's
+# (invalid_request_error), any other 5xx the server's (server_error).
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
-    404: "not_found_error",
+    404: "invalid_request_error",
     413: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
     503: "service_unavailable_error",
     504: "timeout_error",
 }
+_KNOWN_TYPES = frozenset(ERROR_TYPES.values()) | {"server_error", "permission_error"}
+
+
+def error_type_for(status: int, given: str | None = None) -> str:
+    """OpenAI's error ``type``: ``given`` when it is one of OpenAI's, else the status's. (vLLM and Ray Serve
+    LLM put their exception class there: ``BadRequestError``, ``OpenAIHTTPException``.)"""
+    if given in _KNOWN_TYPES:
+        return given
+    return ERROR_TYPES.get(status) or ("invalid_request_error" if 400 <= status < 500 else "server_error")
+
+
+# Ray Serve LLM wraps an engine's error as "Message: <module.Class: message> (Request ID: ...), Internal
+# exception: <the same again>, original exception: ..."; vLLM names the field as "(parameter=NAME, ...)".
+_WRAPPED = re.compile(r"^Message: (?:[\w.]+(?:Error|Exception): )?(?P<message>.*?)(?: \(Request ID: [^)]*\))?"
+                      r", Internal exception: ", re.S)
+_PARAMETER = re.compile(r"\(parameter=(?P<param>[\w.\[\]]+)")
+
+
+def readable(message: str) -> tuple[str, str | None]:
+    """An engine error's message as a client should read it (once, without exception classes or the
+    request id) and the request field it names, if any."""
+    wrapped = _WRAPPED.match(message)
+    if wrapped:
+        message = wrapped.group("message")
+    named = _PARAMETER.search(message)
+    return message.strip(), named.group("param") if named else None
 
 
 def openai_error(
@@ -35,7 +63,7 @@ def openai_error(
     code: int | str | None = None,
 ) -> JSONResponse:
     """``code``: OpenAI's error code where it names one (``invalid_api_key``); else the status."""
-    error_type = error_type or ERROR_TYPES.get(status, "server_error")
+    error_type = error_type_for(status, error_type)
     body = {"error": {"message": message, "type": error_type, "param": param, "code": code or status}}
     return JSONResponse(body, status_code=status, headers=dict(headers or {}))
 
@@ -84,12 +112,21 @@ def param_path(loc) -> str | None:
     return path or None
 
 
+async def _engine_exception_to_openai(request: Request, exc) -> JSONResponse:
+    # Raised by the routes the router inherits from Ray Serve LLM's ingress (GET /v1/models/{id}).
+    message, param = readable(exc.message)
+    return openai_error(exc.status_code, message, exc.type, param=param)
+
+
 def install_openai_error_handlers(app: FastAPI) -> None:
+    from ray.llm._internal.serve.core.configs.openai_api_models import OpenAIHTTPException
+
     app.add_exception_handler(HTTPException, _http_exception_to_openai)
     app.add_exception_handler(RequestValidationError, _validation_error_to_openai)
+    app.add_exception_handler(OpenAIHTTPException, _engine_exception_to_openai)
 
 
 def sse_error_event(status: int, message: str) -> str:
     """An error inside an SSE stream whose 200 headers are already sent."""
-    error = {"message": message, "type": ERROR_TYPES.get(status, "server_error"), "param": None, "code": status}
+    error = {"message": message, "type": error_type_for(status), "param": None, "code": status}
     return f"data: {json.dumps({'error': error})}\n\n"

@@ -36,7 +36,7 @@ from ray.llm._internal.serve.core.configs.openai_api_models import OpenAIHTTPExc
 from deployments.observability import metrics
 from deployments.router.budgets import TIMEOUT_HEADER
 from deployments.router.classification import PRIORITY_HEADER
-from deployments.router.errors import ERROR_TYPES, _validation_error_to_openai
+from deployments.router.errors import _validation_error_to_openai, error_type_for, readable
 from deployments.router.json_body import json_problem, strict_json_problem
 from deployments.router.request_models import ChatCompletionRequest
 
@@ -61,7 +61,7 @@ class TurnError(Exception):
                  retry_after: str | None = None, code: int | str | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.retry_after = status, message, param, retry_after
-        self.error_type = error_type or ERROR_TYPES.get(status, "server_error")
+        self.error_type = error_type_for(status, error_type)
         self.code = code or status  # OpenAI's code where the router names one (invalid_api_key), else the status
 
     @classmethod
@@ -297,7 +297,7 @@ class ChatSocket:
         try:
             answer = await self.router.chat(body, request)
         except OpenAIHTTPException as exc:
-            raise TurnError(exc.status_code, exc.message) from None
+            raise TurnError(exc.status_code, readable(exc.message)[0]) from None
         except HTTPException as exc:
             raise TurnError(exc.status_code, str(exc.detail)) from None
         if not isinstance(answer, StreamingResponse):
