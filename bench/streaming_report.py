@@ -51,25 +51,30 @@ def _bare(bare: dict, phase: str, key: str):
     return bare.get(phase.split("_")[0].rstrip("b"), {}).get("client", {}).get(key)
 
 
+def _phases(runs: dict):
+    """(run, phase name, phase results) for every phase each run measured, in PHASES order."""
+    for run, res in runs.items():
+        for name in PHASES:
+            phase = res.get("phases", {}).get(name)
+            if phase:
+                yield run, name, phase
+
+
 def rows(folder: Path) -> list[str]:
     runs, bare = _runs(folder)
     out = ["| run | phase | output tok/s | ÷ bare | TTFT p50 / p99 s | gap p99 ms | tok/chunk "
            "| CPU s: proxy / routers / LLM replica / engine (cores) |",
            "|---|---|---|---|---|---|---|---|"]
-    for run, res in runs.items():
-        for name in PHASES:
-            phase = res.get("phases", {}).get(name)
-            if not phase:
-                continue
-            c = phase["client"]
-            ref = _bare(bare, name, "out_tok_s")
-            ratio = f"{c['out_tok_s'] / ref:.2f}×" if ref else "-"
-            ttft = f"{c['ttft_p50']:.2f} / {c['ttft_p99']:.2f}" if c.get("ttft_p50") is not None else "-"
-            wall = c["wall_s"] or 1.0
-            hops = _hops(phase)
-            cpu = " / ".join(f"{v:.1f} ({v / wall:.1f})" for v in hops.values())
-            out.append(f"| {run} | {name} | {c['out_tok_s']:,.0f} | {ratio} | {ttft} | {c.get('gap_ms_p99', '-')} "
-                       f"| {c.get('tokens_per_chunk', '-')} | {cpu} |")
+    for run, name, phase in _phases(runs):
+        c = phase["client"]
+        ref = _bare(bare, name, "out_tok_s")
+        ratio = f"{c['out_tok_s'] / ref:.2f}×" if ref else "-"
+        ttft = f"{c['ttft_p50']:.2f} / {c['ttft_p99']:.2f}" if c.get("ttft_p50") is not None else "-"
+        wall = c["wall_s"] or 1.0
+        hops = _hops(phase)
+        cpu = " / ".join(f"{v:.1f} ({v / wall:.1f})" for v in hops.values())
+        out.append(f"| {run} | {name} | {c['out_tok_s']:,.0f} | {ratio} | {ttft} | {c.get('gap_ms_p99', '-')} "
+                   f"| {c.get('tokens_per_chunk', '-')} | {cpu} |")
     return out
 
 
@@ -79,18 +84,17 @@ def detail_rows(folder: Path) -> list[str]:
     out = ["| run | phase | TTFT p50 / p99 ms | 1-stream TTFTs ms | gap p50 / p99 ms | gap p99 − bare ms "
            "| chunks/req p50 | TPOT p50 ms |",
            "|---|---|---|---|---|---|---|---|"]
-    for run, res in runs.items():
-        for name in PHASES:
-            c = res.get("phases", {}).get(name, {}).get("client")
-            if not c or not c.get("stream"):
-                continue
-            ref = _bare(bare, name, "gap_ms_p99")
-            extra = f"{c['gap_ms_p99'] - ref:+.1f}" if ref is not None and c.get("gap_ms_p99") is not None else "-"
-            ttft = (f"{1000 * c['ttft_p50']:.1f} / {1000 * c['ttft_p99']:.1f}"
-                    if c.get("ttft_p50") is not None else "-")
-            each = ", ".join(f"{x:.1f}" for x in c.get("ttfts_ms") or []) or "-"
-            out.append(f"| {run} | {name} | {ttft} | {each} | {c.get('gap_ms_p50', '-')} / {c.get('gap_ms_p99', '-')} "
-                       f"| {extra} | {c.get('chunks_per_req_p50', '-')} | {c.get('tpot_ms_p50', '-')} |")
+    for run, name, phase in _phases(runs):
+        c = phase.get("client")
+        if not c or not c.get("stream"):
+            continue
+        ref = _bare(bare, name, "gap_ms_p99")
+        extra = f"{c['gap_ms_p99'] - ref:+.1f}" if ref is not None and c.get("gap_ms_p99") is not None else "-"
+        ttft = (f"{1000 * c['ttft_p50']:.1f} / {1000 * c['ttft_p99']:.1f}"
+                if c.get("ttft_p50") is not None else "-")
+        each = ", ".join(f"{x:.1f}" for x in c.get("ttfts_ms") or []) or "-"
+        out.append(f"| {run} | {name} | {ttft} | {each} | {c.get('gap_ms_p50', '-')} / {c.get('gap_ms_p99', '-')} "
+                   f"| {extra} | {c.get('chunks_per_req_p50', '-')} | {c.get('tpot_ms_p50', '-')} |")
     return out
 
 
