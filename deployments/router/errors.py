@@ -13,19 +13,15 @@ from starlette.responses import JSONResponse
 
 from deployments.observability import metrics
 
-# OpenAI's error `type` for each status the router answers with; any other 4xx is the client's
+# OpenAI's error `type` for the statuses that have their own; any other 4xx is the client's
 # (invalid_request_error), any other 5xx the server's (server_error).
 ERROR_TYPES = {
-    400: "invalid_request_error",
     401: "authentication_error",
-    404: "invalid_request_error",
-    413: "invalid_request_error",
-    422: "invalid_request_error",
     429: "rate_limit_error",
     503: "service_unavailable_error",
     504: "timeout_error",
 }
-_KNOWN_TYPES = frozenset(ERROR_TYPES.values()) | {"server_error", "permission_error"}
+_KNOWN_TYPES = frozenset(ERROR_TYPES.values()) | {"invalid_request_error", "server_error", "permission_error"}
 
 
 def error_type_for(status: int, given: str | None = None) -> str:
