@@ -435,3 +435,25 @@ def test_a_stream_the_client_closes_on_done_is_served_not_gone():
     assert run(scenario())[-1] == "data: [DONE]\n\n"
     assert recorded == [(200, "ok", 1)]
     assert pool.service[P.HIGH].mean_s > 0 and not pool.streaming_handle.chat.calls[-1].cancelled
+
+
+@pytest.mark.parametrize("status, reason, faults", [(400, "engine_rejected", 0), (500, "engine_error", 1)])
+def test_an_engine_refusal_is_the_clients_not_a_fault_and_an_engine_failure_is(status, reason, faults):
+    from ray.llm._internal.serve.core.configs.openai_api_models import OpenAIHTTPException
+
+    pool = make_pool()
+    recorded = []
+
+    async def call():
+        replica_call(pool)
+        raise OpenAIHTTPException(status_code=status, message="temperature must be >= 0 (parameter=temperature)",
+                                  type="BadRequestError" if status == 400 else "InternalServerError")
+
+    async def scenario():
+        life = RequestLife(plan(pool), pool)
+        life._record = lambda status, reason, tokens: recorded.append((status, reason))
+        return await life.run(call)
+
+    response = run(scenario())
+    assert response.status_code == status and recorded == [(status, reason)]
+    assert pool.circuit.describe()["consecutive_faults"] == faults and pool.scheduler.in_flight == 0

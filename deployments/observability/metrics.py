@@ -96,8 +96,8 @@ REASONS = frozenset({
     "predicted_wait", "client_timeout_forecast", "queue_full", "shed", "queue_expired",
     # 504
     "client_timeout_queued", "start_deadline", "deadline", "client_timeout", "generation_budget", "stall",
-    # from the engine / the client
-    "engine_error", "client_gone",
+    # from the engine (4xx: its own validation refused the request; else it failed) / the client
+    "engine_rejected", "engine_error", "client_gone",
 })
 CIRCUIT_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 AUTOSCALER_SIGNALS = ("queue", "kv_cache", "gpu", "idle", "bounds", "hold")
@@ -114,6 +114,12 @@ def outcome_of(status: int) -> str:
 
 def _reason(reason: str) -> str:
     return reason if reason in REASONS else "engine_error"
+
+
+def engine_reason(status: int) -> str:
+    """The reason label of an error answer from the engine: ``engine_rejected`` for a 4xx (the client's
+    request failed the engine's own validation; not the service's fault), ``engine_error`` otherwise."""
+    return "engine_rejected" if 400 <= status < 500 else "engine_error"
 
 
 # --- the metric objects, made on first use in the process that records -------------------------

@@ -290,7 +290,8 @@ class RequestLife:
             if exc.status_code >= 500:
                 self.pool.circuit.record_failure(f"engine error {exc.status_code}: {exc.message}"[:300])
             message, param = readable(exc.message)
-            return self._error(exc.status_code, message, exc.type, param=param, reason="engine_error")
+            return self._error(exc.status_code, message, exc.type, param=param,
+                               reason=metrics.engine_reason(exc.status_code))
         except Exception as exc:  # the replica or its engine failed
             calls.cancel_all()
             slot.release()
@@ -314,7 +315,8 @@ class RequestLife:
         else:
             slot.release()
             self._served()
-            self._finished(response.status_code, "ok" if response.status_code == 200 else "engine_error",
+            status = response.status_code
+            self._finished(status, "ok" if status == 200 else metrics.engine_reason(status),
                            _usage_tokens(getattr(response, "body", b"")))
         response.headers.update(self.plan.headers)
         return response
@@ -366,7 +368,7 @@ class RequestLife:
                     code, message = failed
                     if code >= 500:
                         self.pool.circuit.record_failure(f"engine error mid-stream: {message}"[:300])
-                    status, reason = code, "engine_error"
+                    status, reason = code, metrics.engine_reason(code)
                     yield chunk
                     if not chunk.rstrip().endswith("data: [DONE]"):
                         yield "data: [DONE]\n\n"
