@@ -18,6 +18,8 @@ def test_prepared_folder_is_complete_bf16_with_chat_template():
     assert "quantization_config" not in config
     assert (path / "chat_template.jinja").read_text().count("<|im_start|>") >= 2
     assert list(path.glob("*.safetensors"))
+    # readable by whoever may read its config (safetensors alone would leave the weights 0600)
+    assert {f.stat().st_mode & 0o777 for f in path.iterdir()} == {(path / "config.json").stat().st_mode & 0o777}
 
 
 def test_prepare_reuses_the_cache(monkeypatch):

@@ -101,7 +101,7 @@ def prepare(target: Path | None = None, force: bool = False) -> Path:
     target = target or model_dir()
     if not force:
         try:
-            return check_model_dir(target)
+            return _shared_like_its_config(check_model_dir(target))
         except EmbeddedModelError:
             pass
     # Heavy imports stay here: serving never needs them once the folder exists.
@@ -127,7 +127,20 @@ def prepare(target: Path | None = None, force: bool = False) -> Path:
     (staging / COMPLETE_MARKER).write_text(json.dumps({"source": str(source), "dtype": "bfloat16"}))
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
-    return check_model_dir(target)
+    return _shared_like_its_config(check_model_dir(target))
+
+
+def _shared_like_its_config(folder: Path) -> Path:
+    """Give every file of ``folder`` the mode its ``config.json`` got from the umask.
+
+    safetensors writes the weights through a private temporary file (mode 0600), so a replica running
+    as another user (a Kubernetes pod's uid, a shared cache) could read the config but not the weights.
+    Also repairs folders prepared before this existed."""
+    mode = (folder / "config.json").stat().st_mode & 0o777
+    for path in folder.iterdir():
+        if path.is_file() and path.stat().st_mode & 0o777 != mode:
+            path.chmod(mode)
+    return folder
 
 
 def main(argv: list[str] | None = None) -> int:
