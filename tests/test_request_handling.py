@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 import json
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -56,8 +57,9 @@ def test_content_type_is_replaced_not_added():
                                         (b"content-type", b"application/json")]
 
 
-def _call(max_bytes, headers, body_chunks):
-    """Run the ASGI middleware once; what the app saw and what was sent."""
+def _call(max_bytes, headers, body_chunks, read_timeout_s=60.0, stall_after=None):
+    """Run the ASGI middleware once; what the app saw and what was sent. With ``stall_after`` the
+    client sends that many body parts and then nothing more."""
     seen, sent = {}, []
 
     async def app(scope, receive, send):
@@ -68,6 +70,8 @@ def _call(max_bytes, headers, body_chunks):
                 for i, c in enumerate(body_chunks)]
 
     async def receive():
+        if stall_after is not None and len(body_chunks) - len(messages) >= stall_after:
+            await asyncio.sleep(3600)  # a client that stopped sending
         return messages.pop(0)
 
     async def send(message):
@@ -75,7 +79,8 @@ def _call(max_bytes, headers, body_chunks):
 
     # The limit is the replica's current setting, read per request from the app's state.
     router_app = SimpleNamespace(state=SimpleNamespace())
-    publish(router_app, RouterSettings(admission={"max_request_bytes": max_bytes}))
+    publish(router_app, RouterSettings(admission={"max_request_bytes": max_bytes,
+                                                  "body_read_timeout_s": read_timeout_s}))
     scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": headers, "app": router_app}
     asyncio.run(JsonBody(app)(scope, receive, send))
     return seen, sent
@@ -99,6 +104,14 @@ def test_middleware_answers_a_non_json_body_with_an_openai_400():
 def test_middleware_caps_what_it_reads():
     seen, sent = _call(10, [], [b'{"prompt": ', b'"a long prompt"}'])
     assert not seen and sent[0]["status"] == 413
+
+
+def test_a_body_that_stalls_between_parts_is_408_without_reaching_the_app():
+    started = time.monotonic()
+    seen, sent = _call(1000, [], [b'{"prompt": ', b'"hi"}'], read_timeout_s=0.2, stall_after=1)
+    assert not seen and sent[0]["status"] == 408 and time.monotonic() - started < 60
+    error = json.loads(sent[1]["body"])["error"]
+    assert error["type"] == "invalid_request_error" and "0.2s" in error["message"]
 
 
 # --- n: null -----------------------------------------------------------------

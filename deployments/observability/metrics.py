@@ -82,12 +82,14 @@ def exported(name: str) -> str:
 NONE = "none"  # pool / class of a request refused before either was chosen
 # The outcome label: the status the client saw (for a stream, what its last event said).
 # 499 (nginx's "client closed request"): the client went away before the answer ended.
-OUTCOMES = frozenset({"200", "400", "401", "404", "413", "429", "499", "503", "504", "4xx", "5xx"})
+OUTCOMES = frozenset({"200", "400", "401", "404", "408", "413", "429", "499", "503", "504", "4xx", "5xx"})
 REASONS = frozenset({
     "ok",
     # 400 / 413 at the door
     "body_too_large", "invalid_json", "strict_json", "schema", "http_error", "invalid_messages",
     "invalid_token_ids", "classification", "admission", "timeout_header",
+    # 408: the body stalled
+    "body_timeout",
     # 401 / 429 for the caller's key and tier
     "unauthorized", "rate_limited",
     # 503: the pool cannot serve

@@ -17,6 +17,7 @@ range checks written as ``x <= limit``. Such a body gets a 400 naming the field.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from typing import Any, Iterator
@@ -109,7 +110,8 @@ class JsonBody:
     a body strict JSON refuses is 400 whatever its Content-Type.
 
     Bodies are read whole, at most ``admission.max_request_bytes`` (a chunked upload declares no
-    length for BodySizeLimit), then replayed to the app.
+    length for BodySizeLimit), then replayed to the app; a body that stalls for
+    ``admission.body_read_timeout_s`` between parts gets 408.
     """
 
     def __init__(self, app):
@@ -119,8 +121,15 @@ class JsonBody:
         if scope["type"] != "http" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         headers = list(scope.get("headers") or [])
-        max_bytes = current(scope).admission.max_request_bytes
-        body = await _read_body(receive, max_bytes)
+        admission = current(scope).admission
+        max_bytes = admission.max_request_bytes
+        try:
+            body = await _read_body(receive, max_bytes, admission.body_read_timeout_s)
+        except TimeoutError:
+            metrics.refused_at_door(408, "body_timeout")
+            return await openai_error(408, f"no part of the request body arrived for "
+                                           f"{admission.body_read_timeout_s:g}s; send the whole body at once")(
+                scope, receive, send)
         if body is None:
             metrics.refused_at_door(413, "body_too_large")
             return await openai_error(413, f"request body is larger than {max_bytes} bytes")(scope, receive, send)
@@ -137,10 +146,13 @@ class JsonBody:
         await self.app({**scope, "headers": headers}, _replay(body, receive), send)
 
 
-async def _read_body(receive, max_bytes: int) -> bytes | None:
+async def _read_body(receive, max_bytes: int, read_timeout_s: float) -> bytes | None:
+    """The whole body; None when over ``max_bytes``. TimeoutError when ``read_timeout_s`` passes with no
+    part of it arriving."""
     chunks, size = [], 0
     while True:
-        message = await receive()
+        async with asyncio.timeout(read_timeout_s):
+            message = await receive()
         if message["type"] != "http.request":
             return b"".join(chunks)  # disconnected: the app sees what came
         chunk = message.get("body", b"")

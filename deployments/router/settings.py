@@ -74,6 +74,9 @@ class AdmissionSettings(_Strict):
     )
     max_n: int = Field(4, ge=1)
     max_request_bytes: int = Field(4 * 1024 * 1024, gt=0, description="larger bodies get 413")
+    body_read_timeout_s: float = Field(
+        60.0, gt=0, description="longest wait between two parts of a request body before 408 (nginx's "
+                                "client_body_timeout, same default): a stalled upload holds no router task")
     sampling_defaults: Dict[str, float] = Field(
         default_factory=lambda: {"temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.1}
     )
