@@ -99,3 +99,15 @@ def test_every_profile_leaves_vllm_request_logging_off(profile):
     llm_config = app_args_from_serve_config().profiles[profile].to_llm_config()
     kwargs = llm_config.get_engine_config().get_initialization_kwargs()
     assert kwargs.get("enable_log_requests") is False
+
+
+def test_the_routers_engine_load_polls_leave_no_access_lines_while_requests_do(base_url, model_id):
+    # Two polls a second per router replica would otherwise fill the LLM replicas' logs and `serve run`'s console.
+    post(base_url, "/v1/chat/completions", {"model": model_id, "max_tokens": 1,
+                                            "messages": [{"role": "user", "content": "Hi"}]})
+    time.sleep(3)  # several polls, and the replicas' log handlers write asynchronously
+    llm_logs = list((LOG_ROOT / "serve").glob("replica_llm_ObservedLLMServer*.log"))
+    assert llm_logs, f"no LLM replica logs under {LOG_ROOT / 'serve'}"
+    lines = [line for path in llm_logs for line in path.read_text(errors="replace").splitlines()]
+    assert not [line for line in lines if " engine_load " in line and "CALL" in line]
+    assert [line for line in lines if "CALL chat " in line or "CALL chat OK" in line], "no request access line"

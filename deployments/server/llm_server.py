@@ -41,6 +41,18 @@ from deployments.warm_up import one_token_request
 logger = logging.getLogger("ray.serve")
 
 
+class _NoPollAccessLog(logging.Filter):
+    """Drops Serve's access-log line for ``engine_load`` calls: every router replica polls each LLM
+    replica twice a second, and ``serve run`` shows replica logs on its console, so those lines buried
+    everything else there (found by a fresh-eye trial). Requests keep their access lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (getattr(record, "serve_access_log", False) and " engine_load " in f" {record.getMessage()} ")
+
+
+_POLL_FILTER = _NoPollAccessLog()
+
+
 # How often the GPU group is read; Serve's autoscaling metrics are pushed about
 # this often too, and NVML's own sample period is at most 1 s.
 GPU_POLL_S = 1.0
@@ -51,6 +63,7 @@ class ObservedLLMServer(LLMServer):
     _pacer: StreamPacer | None = None  # made at the first stream, from the profile
 
     async def start(self):
+        logger.addFilter(_POLL_FILTER)  # one instance: adding it again is a no-op
         self._add_extension()
         await super().start()
         await self._make_seeded_sampling_safe()
