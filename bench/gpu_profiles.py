@@ -102,6 +102,13 @@ def cuda_total_bytes() -> int:
         return int(139.8 * 1024 ** 3)
 
 
+def engine_failed(logpath: str) -> bool:
+    try:
+        return "EngineCore failed to start" in Path(logpath).read_text(errors="replace")
+    except OSError:
+        return False
+
+
 def measure(base: str) -> dict:
     m = {}
     rs, _ = run_list_sync(base, [chat_body([{"role": "user", "content": words(300 + k, 60)}], 256, True)
@@ -138,8 +145,10 @@ def run_profile(profile: str, util: float) -> None:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**os.environ, **env})
     try:
+        # vLLM's API server stays up after its engine failed to start (2026-12-01 x2 lease: 4.5 minutes of waiting
+        # for nothing), so its log is watched too
         r["ready_s"] = round(wait_http_ready("http://127.0.0.1:8001", max(60, min(420, left() - 60)),
-                                             lambda: proc.poll() is None), 1)
+                                             lambda: proc.poll() is None and not engine_failed(logpath)), 1)
         log(profile, "ready in", r["ready_s"], "s; gpus", nvidia_smi())
         r["gpus_loaded"] = nvidia_smi()
         r |= measure("http://127.0.0.1:8001")

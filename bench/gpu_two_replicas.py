@@ -31,6 +31,16 @@ Modes:
   21.6 GiB each. Both replicas then read the same GPU's utilisation, and their engines share its compute.
 - ``report`` (no device): tables and plots from the JSON under docs/bench/gpu-x2/.
 
+``prefix`` options (environment): ``PREFIX_ROUTERS`` names the routers and their order (default
+``default,prefix_affinity``; ``prefix_affinity,default`` runs the affinity router first, on a fresh app, so a
+redeploy cannot starve it). A router after the first starts on a fresh Serve (``serve.shutdown`` and a new
+deploy, Ray kept: with one replica per GPU a rolling redeploy starts the engines one after the other). Each
+router but the last leaves ``PREFIX_RESERVE_S`` (250) of the call to the ones after it; a router that does not
+come up in its share, or whose requests hang, is recorded with its error and diagnosed (``diag_LABEL.tgz``:
+the processes that warned of tasks pending submission, py-spy dumps of every Serve process when ``PYSPY``
+names a py-spy binary, the tails of the Router / LLM replica / controller / proxy logs), and the next router
+still runs. ``X2_NGPU=1`` (with ``CUDA_VISIBLE_DEVICES=0``) runs the one-GPU variant on a two-GPU machine.
+
 Commands (repository root; ``.gpu/`` prepared by ../shared/gpu/prepare.sh, see docs/gpu.md):
 
     python3 bench/gpu_two_replicas.py scale DEADLINE_S [MODEL_DIR]
@@ -138,9 +148,6 @@ DEPLOYED: dict = {}
 
 def start_ray_and_deploy(cfg: dict) -> None:
     import ray
-    from ray.serve._private import api as _private_api
-    from ray.serve.config import gRPCOptions
-    from ray.serve.schema import ServeDeploySchema
 
     cfgmod.register_stat_loggers(EP_DIR, {"llm_serving_engine_load": "deployments.server.engine_load:EngineLoadLogger",
                                           "gpu_x2_prefix_tally": "gpu_x2_stats:PrefixTally"})
@@ -150,6 +157,15 @@ def start_ray_and_deploy(cfg: dict) -> None:
     ngpu = NGPU
     ray.init(namespace="serve", num_cpus=os.cpu_count(), num_gpus=ngpu, resources={"gpu_4090d": ngpu},
              include_dashboard=False, log_to_driver=False)
+    serve_deploy(cfg)
+
+
+def serve_deploy(cfg: dict) -> None:
+    """Start Serve (again, after ``fresh_deploy``'s shutdown) and deploy ``cfg`` without waiting."""
+    from ray.serve._private import api as _private_api
+    from ray.serve.config import gRPCOptions
+    from ray.serve.schema import ServeDeploySchema
+
     config = ServeDeploySchema.model_validate(cfg)
     client = _private_api.serve_start(http_options=config.http_options.model_dump(),
                                       proxy_location=config.proxy_location,
@@ -157,6 +173,20 @@ def start_ray_and_deploy(cfg: dict) -> None:
                                       controller_options=config.controller_options)
     client.deploy_apps(config, _blocking=False)
     DEPLOYED.update(client=client, cfg=cfg)
+
+
+def fresh_deploy(cfg: dict) -> None:
+    """Serve shut down (every replica stopped, GPUs freed) and ``cfg`` deployed anew, Ray kept. With one replica
+    per GPU a rolling redeploy has to stop an old replica before each new one can start, so the two engines
+    start one after the other (the 2026-12-01 lease's redeploy had not finished after ~6 minutes); here both
+    start at once."""
+    from ray import serve
+    serve.shutdown()
+    for _ in range(60):  # the engines' GPU memory back before the new ones profile theirs
+        if all(g["mem_mib"] < 2000 for g in nvidia_smi()):
+            break
+        time.sleep(1)
+    serve_deploy(cfg)
 
 
 def redeploy(cfg: dict) -> None:
@@ -323,6 +353,51 @@ def run_scale(model_dir: str) -> None:
         log("policy:", line[-260:])
 
 
+# ------------------------------------------------------------------------------------- diagnosis
+PYSPY = os.environ.get("PYSPY", "/tmp/pyspy/bin/py-spy")
+
+
+def diagnose(tag: str) -> None:
+    """What a stuck phase leaves for reading later, under ``$OUT/diag_TAG/``: which processes warned of tasks
+    pending submission (Ray writes the warning in the submitting worker's own log), py-spy dumps (all threads,
+    with locals' names off) of every Serve replica, the proxy and the warning processes, and the tails of the
+    Router / LLM replica / controller logs. Best effort; each step bounded."""
+    d = os.path.join(OUT, f"diag_{tag}")
+    os.makedirs(d, exist_ok=True)
+    logs = "/tmp/ray/session_latest/logs"
+    warned = sh(f"grep -l 'pending submission' {logs}/*.log {logs}/*.err {logs}/*.out 2>/dev/null | head -20", 30)
+    Path(d, "pending_submission_files.txt").write_text(
+        warned + "\n\n" + sh(f"grep -h 'pending submission' {logs}/*.log {logs}/*.err {logs}/*.out 2>/dev/null | "
+                              f"cut -c1-300 | tail -30", 30))
+    ps = sh("ps -eo pid,ppid,pcpu,rss,args --sort=-pcpu | cut -c1-200 | head -80", 10)
+    Path(d, "ps.txt").write_text(ps)
+    pids = {}
+    for line in ps.splitlines()[1:]:
+        f = line.split(None, 4)
+        if len(f) == 5 and ("ServeReplica:" in f[4] or "ProxyActor" in f[4] or "ServeController" in f[4]
+                            or "PrefixTree" in f[4]):
+            pids[f[0]] = f[4][:80]
+    for path in warned.splitlines():  # python-core-worker-<id>_<pid>.log / worker-<id>-<job>-<pid>.err
+        tail = path.rsplit("_", 1)[-1] if "core-worker" in path else path.rsplit("-", 1)[-1]
+        pid = tail.split(".")[0]
+        if pid.isdigit():
+            pids.setdefault(pid, "warned: " + os.path.basename(path))
+    if os.path.exists(PYSPY):
+        for pid, what in list(pids.items())[:16]:
+            out = sh(f"timeout 20 {PYSPY} dump --pid {pid} 2>&1 | head -400", 25)
+            Path(d, f"pyspy_{pid}.txt").write_text(f"# {what}\n{out}\n")
+    else:
+        Path(d, "pyspy_missing.txt").write_text(PYSPY)
+    sh(f"for f in {logs}/serve/replica_llm_Router_*.log {logs}/serve/replica_llm_ObservedLLMServer*.log "
+       f"{logs}/serve/controller_*.log {logs}/serve/proxy_*.log; do [ -f \"$f\" ] && "
+       f"tail -c 150000 \"$f\" > {d}/$(basename \"$f\"); done", 60)
+    for path in warned.splitlines()[:6]:
+        sh(f"tail -c 100000 {path} > {d}/warned_$(basename {path})", 20)
+    # one archive: a device call brings back only a few files (the 2026-12-01 x2 lease lost the py-spy dumps)
+    sh(f"tar -czf {d}.tgz -C {OUT} diag_{tag} && rm -rf {d}", 60)
+    log(f"diagnosis of {tag} in {d}.tgz: {len(pids)} processes, warned: {warned.splitlines()[:4]}")
+
+
 # ------------------------------------------------------------------------------------- prefix
 def run_prefix(model_dir: str) -> None:
     total = cuda_total_bytes()
@@ -334,45 +409,71 @@ def run_prefix(model_dir: str) -> None:
                             "user_chars": USER_CHARS, "max_tokens": PREFIX_OUT, "concurrency": PREFIX_CONC}
                         for k, v in WORKLOADS.items()}
     res["routers"] = {}
-    only = [x for x in os.environ.get("PREFIX_ROUTERS", "default,prefix_affinity").split(",") if x]
-    routers = [(lab, cls) for lab, cls in (("default", None), ("prefix_affinity", PREFIX_ROUTER)) if lab in only]
+    # In the order PREFIX_ROUTERS names them (default: default first). A router after the first starts on a
+    # fresh Serve (fresh_deploy); the ones before it must leave it PREFIX_RESERVE_S of the call, so that a
+    # router that does not come up, or whose requests hang, costs only its own share; it is then diagnosed.
+    known = {"default": None, "prefix_affinity": PREFIX_ROUTER}
+    routers = [(x, known[x]) for x in os.environ.get("PREFIX_ROUTERS", "default,prefix_affinity").split(",") if x]
+    reserve = float(os.environ.get("PREFIX_RESERVE_S", "250"))
+    res["router_order"] = [lab for lab, _ in routers]
     for i, (label, router_class) in enumerate(routers):
+        if i > 0 and left() < 150:
+            log(f"{label}: skipped, {left():.0f} s left")
+            res["routers"][label] = {"skipped": f"{left():.0f} s left"}
+            break
+        keep = reserve if i < len(routers) - 1 else 0.0
         cfg = build_config("prefix", model_dir, util, router_class, share_gpu=NGPU == 1)
         res["share_gpu"] = NGPU == 1
         engines_before = set(read_tallies(TALLY_DIR))
         t0 = time.time()
-        if i == 0:
-            start_ray_and_deploy(cfg)
-        else:
-            redeploy(cfg)
-            time.sleep(5)
+        rr = res["routers"][label] = {"request_router": router_class or "default (pow-2)"}
+        try:
+            if i == 0:
+                start_ray_and_deploy(cfg)
+            else:
+                fresh_deploy(cfg)
+                time.sleep(2)
 
-        def fresh_engines(_st):
-            return len(set(read_tallies(TALLY_DIR)) - engines_before) >= 2
+            def fresh_engines(_st):
+                return len(set(read_tallies(TALLY_DIR)) - engines_before) >= 2
 
-        wait_llm(lambda s: s.get("app") == "RUNNING" and s.get("running") == 2 and s.get("total") == 2
-                 and fresh_engines(s), max(60, min(420, left() - 60)), f"{label}: 2 fresh replicas")
-        ready = time.time() - t0 + wait_http_ready(base, 120, health=True)
-        log(f"{label}: ready in {ready:.0f} s; {llm_states()}")
-        rr = res["routers"][label] = {"ready_s": round(ready, 1), "request_router": router_class or "default (pow-2)"}
-        # warm both engines' compiled shapes with prompts that share nothing with the workloads
-        run_list_sync(base, [chat_body([{"role": "user", "content": words(900 + k, 300)}], 8, True)
-                             for k in range(8)], 4)
-        for name in WORKLOADS:
-            if left() < 45:
-                log(f"{label}/{name}: skipped, {left():.0f} s left")
-                break
-            bodies = prefix_bodies(name)
-            before = read_tallies(TALLY_DIR)
-            rs, wall = run_list_sync(base, bodies, PREFIX_CONC, timeout=max(30, left() - 30))
-            time.sleep(1.5)  # the stat loggers' last records
-            tally = tally_delta(before, read_tallies(TALLY_DIR))
-            s = summarise(rs, wall)
-            rr[name] = {"client": s, "prefix_cache": tally}
-            log(f"{label}/{name}: hit rate {tally['total']['hit_rate']}, per engine "
-                f"{[(e['finished'], e['hit_rate']) for e in tally['engines'].values()]}, TTFT p50/p99 "
-                f"{s['ttft_ms_p50']}/{s['ttft_ms_p99']} ms, {s['out_tok_s']} tok/s, {s['status']}")
+            wait_llm(lambda s: s.get("app") == "RUNNING" and s.get("running") == 2 and s.get("total") == 2
+                     and fresh_engines(s), max(60, min(420, left() - 60 - keep)), f"{label}: 2 fresh replicas")
+            ready = time.time() - t0 + wait_http_ready(base, 120, health=True)
+            log(f"{label}: ready in {ready:.0f} s; {llm_states()}")
+            rr["ready_s"] = round(ready, 1)
+            # warm both engines' compiled shapes with prompts that share nothing with the workloads
+            rs, wall = run_list_sync(base, [chat_body([{"role": "user", "content": words(900 + k, 300)}], 8, True)
+                                            for k in range(8)], 4, timeout=60, total_timeout=max(20, left() - keep - 20))
+            rr["warm"] = summarise(rs, wall)
+            log(f"{label}: warm-up {rr['warm']['status']} in {wall:.1f} s")
+            for name in WORKLOADS:
+                if left() - keep < 45:
+                    log(f"{label}/{name}: skipped, {left():.0f} s left")
+                    rr[name + "_skipped"] = f"{left():.0f} s left"
+                    break
+                bodies = prefix_bodies(name)
+                before = read_tallies(TALLY_DIR)
+                rs, wall = run_list_sync(base, bodies, PREFIX_CONC, timeout=max(30, left() - 30),
+                                         total_timeout=max(30, left() - keep - 25))
+                time.sleep(1.5)  # the stat loggers' last records
+                tally = tally_delta(before, read_tallies(TALLY_DIR))
+                s = summarise(rs, wall)
+                rr[name] = {"client": s, "prefix_cache": tally}
+                log(f"{label}/{name}: hit rate {tally['total']['hit_rate']}, per engine "
+                    f"{[(e['finished'], e['hit_rate']) for e in tally['engines'].values()]}, TTFT p50/p99 "
+                    f"{s['ttft_ms_p50']}/{s['ttft_ms_p99']} ms, {s['out_tok_s']} tok/s, {s['status']}")
+                save()
+        except Exception:
+            rr["error"] = traceback.format_exc()[-3000:]
+            log(f"{label}: ERROR\n{rr['error']}")
             save()
+            diagnose(label)
+        rr["pending_submission_warnings"] = sh(
+            "cat /tmp/ray/session_latest/logs/*.log /tmp/ray/session_latest/logs/*.err /tmp/ray/session_latest/logs/*.out "
+            "2>/dev/null | grep -c 'pending submission'", 30)
+        if router_class and "error" not in rr:
+            diagnose(label + "_after")  # the routers' logs and stacks of a run that worked, to compare
         collect_logs(label)
         save()
 
@@ -421,6 +522,12 @@ def _plot_scale(r: dict) -> None:
     t = [m["t"] for m in mon]
     fig, ax = plt.subplots(3, 1, figsize=(9, 8), sharex=True)
     ax[0].step(t, [m.get("running") or 0 for m in mon], where="post", label="LLM replicas RUNNING")
+    ax[0].step(t, [sum(m["replicas"].values()) if isinstance(m.get("replicas"), dict) else None for m in mon],
+               where="post", ls="--", label="RUNNING + STARTING")
+    for ts, text in _policy_steps(r):  # the policy's decisions that changed the target
+        ax[0].axvline(ts, color="red", ls="--", lw=0.8)
+        ax[0].text(ts, 0.15, text, fontsize=7, color="red", rotation=90)
+    ax[0].legend(fontsize=8, loc="lower right")
     ax[0].set_ylabel("replicas")
     for key, lab in (("t_load_start", "load on"), ("t_load_stop", "load off")):
         if r.get(key):
@@ -437,9 +544,27 @@ def _plot_scale(r: dict) -> None:
     ax[2].bar([float(k) for k in b], list(b.values()), width=4.5)
     ax[2].set_ylabel("output tok/s (5 s)")
     ax[2].set_xlabel("s since the script started")
-    fig.suptitle("Two TP1 FP16 replicas on 2x H200: 1 -> 2 -> 1 under load (QueueGpuPolicy)")
+    fig.suptitle("Two TP1 FP16 replicas, one per H200, min 1 max 2, under QueueGpuPolicy")
     fig.tight_layout()
     fig.savefig(DOC_DIR / "scale.png", dpi=90)
+
+
+def _policy_steps(r: dict) -> list[tuple[float, str]]:
+    """(s since the script started, "1 -> 2 (gpu)") for each controller line whose target differs from the
+    replica count; the script's start is ``date_utc`` (UTC, to the second)."""
+    import calendar
+    import re
+    try:
+        t0 = calendar.timegm(time.strptime(r["date_utc"], "%Y-%m-%d %H:%M:%S"))
+    except (KeyError, ValueError):
+        return []
+    out = []
+    for line in r.get("autoscaling_lines_scale", []):
+        m = re.search(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d+) .*?: (\d+) -> (\d+) \((\w+)\)", line)
+        if m and m.group(3) != m.group(4):
+            ts = calendar.timegm(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")) + int(m.group(2)) / 1000 - t0
+            out.append((ts, f"{m.group(3)} -> {m.group(4)} ({m.group(5)})"))
+    return out
 
 
 def _health_gpu(m: dict):
@@ -488,7 +613,8 @@ def _plot_prefix(r: dict) -> None:
 def main(model_dir: str) -> None:
     global NGPU
     res["gpus_before"] = nvidia_smi()
-    NGPU = len(res["gpus_before"]) or 1
+    # X2_NGPU=1 (with CUDA_VISIBLE_DEVICES=0) runs the one-GPU variant on a two-GPU machine
+    NGPU = int(os.environ.get("X2_NGPU") or len(res["gpus_before"]) or 1)
     log("gpus:", res["gpus_before"])
     if any(g["mem_mib"] > 2000 for g in res["gpus_before"]):  # an earlier call's Ray still holds a GPU
         log("GPU memory in use before start: ray stop --force:",

@@ -228,9 +228,12 @@ async def run_list(base: str, bodies: list[dict], concurrency: int, timeout: flo
         return list(await asyncio.gather(*[go(i, b) for i, b in enumerate(bodies)]))
 
 
-def run_list_sync(base: str, bodies: list[dict], concurrency: int, timeout: float = 300.0) -> tuple[list[dict], float]:
+def run_list_sync(base: str, bodies: list[dict], concurrency: int, timeout: float = 300.0,
+                  total_timeout: float | None = None) -> tuple[list[dict], float]:
+    """``timeout``: per request; ``total_timeout``: for the whole list (TimeoutError when it passes)."""
     t = time.time()
-    rs = asyncio.run(run_list(base, bodies, concurrency, timeout))
+    coro = run_list(base, bodies, concurrency, timeout)
+    rs = asyncio.run(coro if total_timeout is None else asyncio.wait_for(coro, total_timeout))
     return rs, time.time() - t
 
 
