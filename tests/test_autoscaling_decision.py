@@ -89,7 +89,7 @@ def test_min_one_unless_scale_to_zero():
 
 
 def test_state_round_trips_through_a_dict():
-    state = HysteresisState(up_since=12.5)
+    state = HysteresisState(up_since=12.5, starting_since=3.0)
     assert HysteresisState.from_dict(state.as_dict()) == state
     assert HysteresisState.from_dict(None) == HysteresisState()
 
@@ -111,6 +111,26 @@ def test_no_scale_down_while_replicas_start():
     want, reason, signal = wanted_replicas(idle_but_starting, CFG)
     assert want == 3 and "start" in reason
     assert wanted_replicas(FleetSignals(replicas=3, starting=1, engine_waiting=40), CFG)[0] == 10  # up still allowed
+
+
+def test_a_start_that_never_finishes_holds_the_fleet_only_for_max_start_hold_s():
+    # Seen on the two-GPU lease: the second replica failed to start again and again (Serve retries it), and
+    # the idle fleet stayed at 2 after the load had gone. The hold runs from the first tick with a starting
+    # replica, uninterrupted; then the normal down rule (with its own delay) applies.
+    config = CFG.model_copy(update={"max_start_hold_s": 300})
+    idle, state, decisions = FleetSignals(replicas=2, starting=1, kv_cache_usage=0.0), HysteresisState(), []
+    for t in range(0, 600, 10):
+        decision, state = decide(idle, state, float(t), config)
+        decisions.append((t, decision))
+    held = [t for t, d in decisions if "start" in d.reason]
+    down = [t for t, d in decisions if d.target == 1]
+    assert held and max(held) < 300 and state.starting_since == 0.0
+    assert down and down[0] >= 300 + config.downscale_delay_s  # then idle for the down delay, as any scale-down
+    # A start that finishes resets the clock: the next start holds afresh.
+    _, state = decide(FleetSignals(replicas=2, kv_cache_usage=0.0, engine_running=9), state, 700.0, config)
+    assert state.starting_since is None
+    decision, state = decide(idle, state, 710.0, config)
+    assert "start" in decision.reason and state.starting_since == 710.0
 
 
 def test_a_step_waiting_out_its_delay_says_so():

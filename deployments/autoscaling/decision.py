@@ -8,8 +8,9 @@ simulator is what runs.
 Rules, in order:
 1. Queue depth per replica above target: scale up to what clears it.
 2. KV cache saturated, or GPU busy while requests wait: scale up by one.
-3. Queues empty, no replica still starting, and the load (KV usage, running
-   sequences) spread over one replica fewer stays low: scale down by one.
+3. Queues empty, no replica still starting (for at most ``max_start_hold_s``:
+   a start that keeps failing must not pin the fleet), and the load (KV usage,
+   running sequences) spread over one replica fewer stays low: scale down by one.
 4. Otherwise hold.
 An up (down) intent must persist for ``upscale_delay_s`` (``downscale_delay_s``)
 before it is applied; steps are bounded; min/max bound the result; zero only
@@ -43,6 +44,10 @@ class AutoscalingConfig(BaseModel):
         1.0, gt=0, description="average waiting requests that count as 'requests are waiting' (below: queues empty)")
     upscale_delay_s: float = Field(15.0, ge=0, description="an up intent must last this long")
     downscale_delay_s: float = Field(120.0, ge=0, description="a down intent must last this long")
+    max_start_hold_s: float = Field(
+        600.0, gt=0, description="a replica starting this long no longer holds the fleet from scaling down "
+        "(measured cold starts: CPU 30-130 s, H200 with a 7B model 180-240 s, docs/gpu.md; a start that "
+        "fails and is retried by Serve stays 'starting', seen on the two-GPU lease)")
     max_step_up: int = Field(2, ge=1)
     max_step_down: int = Field(1, ge=1)
     scale_to_zero: bool = Field(False, description="allow 0 replicas when idle (needs min_replicas 0)")
@@ -84,14 +89,15 @@ class FleetSignals:
 class HysteresisState:
     up_since: Optional[float] = None
     down_since: Optional[float] = None
+    starting_since: Optional[float] = None  # since when some replica has been starting, without a break
 
     def as_dict(self) -> dict:
-        return {"up_since": self.up_since, "down_since": self.down_since}
+        return {"up_since": self.up_since, "down_since": self.down_since, "starting_since": self.starting_since}
 
     @classmethod
     def from_dict(cls, data: dict | None) -> "HysteresisState":
         data = data or {}
-        return cls(data.get("up_since"), data.get("down_since"))
+        return cls(data.get("up_since"), data.get("down_since"), data.get("starting_since"))
 
 
 @dataclass(frozen=True)
@@ -138,8 +144,9 @@ def _fits_in_fewer(s: FleetSignals, c: AutoscalingConfig) -> bool:
     return kv_ok and running_ok
 
 
-def wanted_replicas(s: FleetSignals, c: AutoscalingConfig) -> tuple[int, str, str]:
-    """The replica count the signals ask for right now, before delays and bounds."""
+def wanted_replicas(s: FleetSignals, c: AutoscalingConfig, start_holds: bool = True) -> tuple[int, str, str]:
+    """The replica count the signals ask for right now, before delays and bounds. ``start_holds``: may
+    replicas still starting hold the fleet (False once they have been starting ``max_start_hold_s``)."""
     n = s.replicas
     if n == 0:
         if s.queued > 0 or s.engine_running > 0:
@@ -156,7 +163,7 @@ def wanted_replicas(s: FleetSignals, c: AutoscalingConfig) -> tuple[int, str, st
     if s.gpu_utilization is not None and s.gpu_utilization > c.gpu_util_high and s.queued >= c.waiting_threshold:
         return n + 1, (f"GPU utilisation {_fmt(s.gpu_utilization)} > {c.gpu_util_high:g} "
                        f"with {s.queued:.0f} waiting"), "gpu"
-    if s.starting > 0 and s.queued < c.waiting_threshold:
+    if s.starting > 0 and start_holds and s.queued < c.waiting_threshold:
         # Capacity is on its way; today's load says nothing about tomorrow's fleet.
         return n, f"holding while {s.starting} replica(s) start", "hold"
     if s.queued < c.waiting_threshold and _fits_in_fewer(s, c):
@@ -177,10 +184,18 @@ def _clamp(value: int, low: int, high: int) -> int:
 def decide(
     signals: FleetSignals, state: HysteresisState, now: float, config: AutoscalingConfig
 ) -> tuple[ScalingDecision, HysteresisState]:
+    starting_since = (state.starting_since if state.starting_since is not None else now) if signals.starting else None
+    decision, next_state = _decide(signals, state, now, config,
+                                   start_holds=starting_since is None or now - starting_since < config.max_start_hold_s)
+    return decision, replace(next_state, starting_since=starting_since)
+
+
+def _decide(signals: FleetSignals, state: HysteresisState, now: float, config: AutoscalingConfig,
+            start_holds: bool) -> tuple[ScalingDecision, HysteresisState]:
     n, low, high = signals.replicas, config.floor, config.max_replicas
     if not low <= n <= high:  # e.g. bounds changed in the config: fix at once
         return ScalingDecision(n, _clamp(n, low, high), f"{n} replicas outside [{low}, {high}]", "bounds"), HysteresisState()
-    want, reason, signal = wanted_replicas(signals, config)
+    want, reason, signal = wanted_replicas(signals, config, start_holds)
     bounded = _clamp(want, low, high)
     if bounded == n:
         if want != n:
