@@ -2,7 +2,7 @@
 VENV   := .venv
 STAMP  := $(VENV)/.installed
 
-.PHONY: install model serve test fuzz soak clean
+.PHONY: install model serve test unit fuzz soak clean
 
 install: $(STAMP)
 
@@ -19,6 +19,10 @@ serve: model
 
 test: model
 	$(VENV)/bin/python -m pytest
+
+# The pure tests only: no Ray, no engine, no port 8000, so they may run beside a live suite (about a minute).
+unit: install
+	$(VENV)/bin/python -m pytest -m "not integration and not runs_first and not runs_last"
 
 # The deep fuzz run of tests/test_fuzz.py (the suite runs a short seeded one);
 # the session fixtures start and stop Ray and the app as for `make test`.

@@ -29,8 +29,9 @@ from tests.cluster import REPO_ROOT
 CONFIG = REPO_ROOT / "deployments" / "observability" / "prometheus.yml"
 DASHBOARDS = REPO_ROOT / "deployments" / "observability" / "dashboards"
 
-pytestmark = pytest.mark.skipif(shutil.which("prometheus") is None,
-                                reason="Debian's prometheus package is not installed (scripts/install.sh)")
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(shutil.which("prometheus") is None,
+                                 reason="Debian's prometheus package is not installed (scripts/install.sh)")]
 
 
 def _report_interval_s() -> float:

@@ -14,6 +14,8 @@ import pytest
 from tests.cluster import (BASE_URL, BIN, REPO_ROOT, ServeRunProcess, clean_env, engine_processes, port_open,
                            ray_running, spawn, stop, wait_until)
 
+pytestmark = pytest.mark.integration  # each starts its own Ray and app: needs the machine and port 8000
+
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
