@@ -184,7 +184,9 @@ def _clamp(value: int, low: int, high: int) -> int:
 def decide(
     signals: FleetSignals, state: HysteresisState, now: float, config: AutoscalingConfig
 ) -> tuple[ScalingDecision, HysteresisState]:
-    starting_since = (state.starting_since if state.starting_since is not None else now) if signals.starting else None
+    starting_since = None  # since when some replica has been starting, without a break
+    if signals.starting:
+        starting_since = now if state.starting_since is None else state.starting_since
     decision, next_state = _decide(signals, state, now, config,
                                    start_holds=starting_since is None or now - starting_since < config.max_start_hold_s)
     return decision, replace(next_state, starting_since=starting_since)
