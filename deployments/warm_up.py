@@ -1,7 +1,9 @@
-"""The one-token request that proves an engine answers: the replica's own warm-up and the router's probe.
+"""The requests an engine is warmed up and measured with.
 
-Both deployments send it, so it is built in one place: a short chat, one
-token, greedy, not streamed.
+The one-token request proves an engine answers: the replica's own warm-up and
+the router's probe both send it, so it is built in one place (a short chat,
+one token, greedy, not streamed). The measuring request is the replica's own:
+one stream alone, long enough to time the engine's decoding steps.
 """
 
 from __future__ import annotations
@@ -15,3 +17,16 @@ def one_token_request(model_id: str):
 
     return ChatCompletionRequest(model=model_id, messages=[{"role": "user", "content": WARM_UP_PROMPT}],
                                  max_tokens=1, temperature=0.0, stream=False)
+
+
+# Decoding steps the measuring request times: enough for a median that ignores a first slow step or two.
+MEASURING_TOKENS = 32
+
+
+def measuring_request(model_id: str):
+    """A ChatCompletionRequest for ``model_id`` that decodes ``MEASURING_TOKENS`` tokens, greedy, whatever
+    the model would say (``ignore_eos``)."""
+    from ray.serve.llm.openai_api_models import ChatCompletionRequest
+
+    return ChatCompletionRequest(model=model_id, messages=[{"role": "user", "content": WARM_UP_PROMPT}],
+                                 max_tokens=MEASURING_TOKENS, temperature=0.0, ignore_eos=True, stream=False)

@@ -84,6 +84,8 @@ def test_a_profile_overrides_the_routers_queue_settings_for_its_pools(config_app
     assert cpu.targets(P.MEDIUM).ttft_s > gpu.targets(P.MEDIUM).ttft_s  # a 2k prefill on one CPU core
     assert cpu.tightest_tpot_s == 0.1 and cpu.targets(P.LOW).start_deadline_s == gpu.targets(P.LOW).start_deadline_s
     assert cpu.window == gpu.window  # one window setting; what it settles at is measured
+    # the CPU profile's TPOT SLO follows this machine's engine; web chat's is an absolute goal
+    assert cpu.tpot_slo_from_engine == 3.0 and gpu.tpot_slo_from_engine is None
 
 
 def test_a_profile_may_override_one_field_of_one_class(config_app, args):

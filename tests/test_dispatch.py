@@ -457,3 +457,35 @@ def test_an_engine_refusal_is_the_clients_not_a_fault_and_an_engine_failure_is(s
     response = run(scenario())
     assert response.status_code == status and recorded == [(status, reason)]
     assert pool.circuit.describe()["consecutive_faults"] == faults and pool.scheduler.in_flight == 0
+
+
+class LoadReporter:
+    """The replica's ``engine_load`` method: answers ``load`` (change it between polls)."""
+
+    def __init__(self, **load):
+        self.load = load
+
+    async def _answer(self):
+        return dict(self.load)
+
+    def remote(self):
+        return self._answer()
+
+
+def test_the_pool_takes_its_tpot_slo_from_the_slowest_engine_alone_and_every_use_follows():
+    pool = make_pool(tpot_slo_from_engine=3.0, max_window=64)
+    engine = pool.handle.engine_load = LoadReporter(tpot_s=0.1, tpot_at=time.time(), unloaded_tpot_s=0.05)
+    declared_budget = plan(pool, max_tokens=10).budgets.generation_s
+    assert pool.queue_settings.tightest_tpot_s == 0.05 and not pool.window.has_headroom(0.1)  # over a 50 ms SLO
+
+    run(pool._poll_engine())
+    assert pool.describe()["tpot_slo_s"] == pytest.approx(0.15)  # 3 x 50 ms measured alone
+    assert pool.window.has_headroom(0.1)  # the window now grows at 100 ms a token
+    assert plan(pool, max_tokens=10).budgets.generation_s > declared_budget  # budgets at the scaled SLO
+
+    engine.load["unloaded_tpot_s"] = 0.03  # a faster replica joins: the SLO must still hold on the slowest
+    run(pool._poll_engine())
+    assert pool.queue_settings.tightest_tpot_s == pytest.approx(0.15)
+
+    pool.apply(make_pool(tpot_slo_from_engine=4.0).queue_settings, CircuitSettings())  # a reconfigure
+    assert pool.queue_settings.tightest_tpot_s == pytest.approx(0.20)  # keeps what was measured

@@ -330,3 +330,17 @@ def test_the_measured_line_predicts_the_tpot_of_the_batch_a_request_joins():
     assert window.tpot_at(16) == pytest.approx(cpu.tpot(16))  # linear: extrapolates exactly
     assert window.tpot_at(16) > 4 * window.tpot_at(1)
     assert tpot_at([(1, 0.03), (2, 0.03), (3, 0.03)], 50) is None  # TPOT not growing with the batch: no line
+
+
+def test_a_profile_measured_on_its_machine_scales_its_tpot_slo_from_the_engine_alone():
+    declared = QueueSettings(classes={name: {"ttft_s": 1.0, "tpot_s": 0.10, "start_deadline_s": 30}
+                                      for name in ("high", "medium", "low")}, tpot_slo_from_engine=3.0)
+    slow = declared.scaled_to_engine(0.08)  # 80 ms a token alone: the 2.6x slower machine
+    assert slow.tightest_tpot_s == pytest.approx(0.24) and slow.targets(P.LOW).tpot_s == pytest.approx(0.24)
+    assert slow.targets(P.HIGH).ttft_s == 1.0 and slow.window == declared.window  # only the TPOT SLO moves
+    assert declared.scaled_to_engine(0.02).tightest_tpot_s == 0.10  # a fast machine keeps the declared floor
+    assert declared.scaled_to_engine(None) is declared  # nothing measured yet
+    web_chat = QueueSettings()  # no tpot_slo_from_engine: an absolute goal, whatever the engine does
+    assert web_chat.scaled_to_engine(0.08) is web_chat
+    with pytest.raises(ValueError):
+        QueueSettings(tpot_slo_from_engine=1.0)  # an SLO at the engine's own unloaded speed is no SLO

@@ -9,6 +9,10 @@ pool (``watch``) keeps it honest without client traffic:
 - **engine load**: every ``POLL_S`` it reads the engine's running / waiting
   requests, KV-cache usage and smoothed time per output token from one replica
   and feeds the adaptive window (router/window.py);
+- **the SLO of a profile measured on its machine**: a profile with
+  ``tpot_slo_from_engine`` scales its TPOT SLO from the unloaded TPOT the LLM
+  replicas measured at warm-up (the slowest seen), and every use of the SLO
+  here (window, budgets, goodput) follows;
 - **circuit probe**: when the circuit is half-open it sends the one-token probe
   itself, so a pool recovers with no client request spent on it.
 """
@@ -50,6 +54,8 @@ class PoolState:
                  circuit: CircuitSettings):
         self.route, self.handle, self.model_id = route, handle, model_id
         self.streaming_handle = handle.options(stream=True)
+        self._declared = queues  # as configured; ``queue_settings`` is them scaled to the engine
+        self._unloaded_tpot_s: float | None = None  # the slowest unloaded TPOT a replica reported, seconds
         self.queue_settings = queues
         self.scheduler = PriorityScheduler(queues)
         self.circuit = CircuitBreaker(circuit)
@@ -69,12 +75,16 @@ class PoolState:
     def apply(self, queues: QueueSettings, circuit: CircuitSettings) -> None:
         """New settings from a reconfigure, applied in place: requests queued or running keep their places
         and budgets; what was measured (window, service times, TPOT) stays."""
-        self.queue_settings = queues
+        self._declared = queues
+        self._apply_queues()
+        self.circuit.apply(circuit)
+        self._probe_timeout_s = circuit.probe_timeout_s
+
+    def _apply_queues(self) -> None:
+        queues = self.queue_settings = self._declared.scaled_to_engine(self._unloaded_tpot_s)
         self.scheduler.apply(queues)
         self.window.apply(queues.window, queues.tightest_tpot_s)
         self.scheduler.set_window(self.window.per_replica)
-        self.circuit.apply(circuit)
-        self._probe_timeout_s = circuit.probe_timeout_s
 
     @property
     def queued(self) -> int:
@@ -175,6 +185,7 @@ class PoolState:
                 "router_replicas": self._router_replicas,
                 "window_per_replica": self.scheduler.window,
                 "window_reason": decision.reason if decision else None,
+                "tpot_slo_s": self.queue_settings.tightest_tpot_s, "unloaded_tpot_s": self._unloaded_tpot_s,
                 "service_s": {cls.label: meter.mean_s for cls, meter in self.service.items()}}
 
     # --- the background watch --------------------------------------------------
@@ -244,6 +255,7 @@ class PoolState:
     async def _poll_engine(self) -> None:
         async with asyncio.timeout(self._probe_timeout_s):
             load = await self.handle.engine_load.remote()
+        self._learn_unloaded_tpot(load.get("unloaded_tpot_s"))
         tpot = load.get("tpot_s")
         self._last_tpot_s = tpot or self._last_tpot_s
         if tpot is not None and time.time() - load.get("tpot_at", 0) > _STALE_POLLS * POLL_S:
@@ -259,6 +271,20 @@ class PoolState:
         self.last_window_decision = decision
         self.scheduler.set_window(self.window.per_replica)
         self._shed_hopeless()
+
+    def _learn_unloaded_tpot(self, unloaded_tpot_s: float | None) -> None:
+        """Keep the slowest unloaded TPOT the replicas reported (the SLO must be one every replica can meet)
+        and re-derive the settings when it grows."""
+        if unloaded_tpot_s is None or (self._unloaded_tpot_s is not None and unloaded_tpot_s <= self._unloaded_tpot_s):
+            return
+        self._unloaded_tpot_s = unloaded_tpot_s
+        before = self.queue_settings.tightest_tpot_s
+        self._apply_queues()
+        after = self.queue_settings.tightest_tpot_s
+        if after != before:
+            logger.info("pool %s: TPOT SLO %.0f -> %.0f ms (%.1f x the engine's %.1f ms with one stream alone)",
+                        self.route.name, before * 1000, after * 1000, self._declared.tpot_slo_from_engine,
+                        unloaded_tpot_s * 1000)
 
     def _shed_hopeless(self) -> None:
         def predicted_wait(cls: PriorityClass, ahead: int, max_tokens: int) -> float | None:

@@ -12,6 +12,7 @@ Prometheus (the router's adaptive window feeds on the TPOT).
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import asdict, dataclass
 
 from vllm.v1.metrics.loggers import StatLoggerBase
@@ -35,6 +36,11 @@ _latest: dict[int, EngineLoad] = {}
 _tpot: dict[int, tuple[float, float]] = {}   # engine -> (smoothed TPOT s, when)
 _generated: dict[int, int] = {}
 
+# Each decoding step's mean inter-token latency, newest last, and how many were ever recorded: the
+# replica's warm-up reads the steps of its measuring request from here (``step_tpots_since``).
+_step_tpots: deque[float] = deque(maxlen=512)
+_steps_recorded = 0
+
 # Weight of the newest step in the smoothed TPOT: a handful of steps (tens of
 # ms on a GPU) make up the figure, so it follows load changes within a second.
 _TPOT_WEIGHT = 0.2
@@ -55,6 +61,17 @@ def current_load() -> EngineLoad:
         tpot_at=max(at for _, at in tpots) if tpots else 0.0,
         generated_tokens=sum(_generated.values()),
     )
+
+
+def steps_recorded() -> int:
+    """How many decoding steps were recorded so far (a mark for ``step_tpots_since``)."""
+    return _steps_recorded
+
+
+def step_tpots_since(mark: int) -> list[float]:
+    """Mean inter-token latency, seconds, of each decoding step recorded after ``mark`` (the last 512 at most)."""
+    count = min(_steps_recorded - mark, len(_step_tpots))
+    return list(_step_tpots)[len(_step_tpots) - count:] if count > 0 else []
 
 
 def _step_inter_token_latencies(iteration_stats) -> list[float]:
@@ -88,7 +105,10 @@ class EngineLoadLogger(StatLoggerBase):
         latencies = _step_inter_token_latencies(iteration_stats)
         if not latencies:
             return
+        global _steps_recorded
         step = sum(latencies) / len(latencies)
+        _step_tpots.append(step)
+        _steps_recorded += 1
         previous = _tpot.get(engine_idx)
         smoothed = step if previous is None else previous[0] + _TPOT_WEIGHT * (step - previous[0])
         _tpot[engine_idx] = (smoothed, time.time())

@@ -5,6 +5,12 @@ Warm-up: vLLM's engine reports started before its first generation has run
 replica generates one token for itself before its constructor returns, so
 Serve marks it RUNNING and routes to it only once it really answers.
 
+Unloaded TPOT: the warm-up then decodes one stream alone and keeps the median
+time per output token of its steps, as the engine's own stats time them
+(``engine_load`` reports it as ``unloaded_tpot_s``). A profile whose SLO is
+what its engine meets at low load scales its TPOT SLO from it
+(``router_queues.tpot_slo_from_engine``), so the SLO is this machine's.
+
 Seeded sampling: before that warm-up the replica makes vLLM's workers safe for
 seeded requests under chunked prefill (``seeded_sampling.py``; a no-op where
 vLLM's generator rewind works, as on GPUs).
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import statistics
 import time
 
 from ray.serve.llm.deployment import LLMServer
@@ -33,10 +40,10 @@ from ray.serve.llm.deployment import LLMServer
 from deployments.autoscaling.gpu import GpuGroupReading, device_uuids, read_group
 from deployments.config.names import ENGINE_RUNNING, ENGINE_WAITING, GPU_UTILIZATION, KV_CACHE_USAGE, pool_of_deployment
 from deployments.observability import metrics
-from deployments.server.engine_load import current_load
+from deployments.server.engine_load import current_load, step_tpots_since, steps_recorded
 from deployments.server.stream_batching import DEFAULT_BATCHES_PER_S, StreamPacer, paced_batches
 from deployments.server.worker_extension import GPU_UUID_RPC, SEEDED_SAMPLING_RPC, extension_kwargs
-from deployments.warm_up import one_token_request
+from deployments.warm_up import measuring_request, one_token_request
 
 logger = logging.getLogger("ray.serve")
 
@@ -61,6 +68,7 @@ GPU_POLL_S = 1.0
 class ObservedLLMServer(LLMServer):
     _gpu_reading: GpuGroupReading | None = None
     _pacer: StreamPacer | None = None  # made at the first stream, from the profile
+    _unloaded_tpot_s: float | None = None  # measured at warm-up: one stream alone, seconds per output token
 
     async def start(self):
         logger.addFilter(_POLL_FILTER)  # one instance: adding it again is a no-op
@@ -105,6 +113,23 @@ class ObservedLLMServer(LLMServer):
         async for _ in await self.chat(one_token_request(self._llm_config.model_id)):
             pass
         logger.info("engine warmed up: first one-token answer after %.1fs", time.monotonic() - started)
+        await self._measure_unloaded_tpot()
+
+    async def _measure_unloaded_tpot(self) -> None:
+        """Time one stream alone (nothing else runs before Serve routes here). Not fatal: without it a
+        profile's declared SLO stands."""
+        mark = steps_recorded()
+        try:
+            async for _ in await self.chat(measuring_request(self._llm_config.model_id)):
+                pass
+        except Exception:
+            logger.warning("could not measure the engine's unloaded TPOT; the declared SLO stands", exc_info=True)
+            return
+        steps = step_tpots_since(mark)
+        if steps:
+            self._unloaded_tpot_s = statistics.median(steps)
+            logger.info("engine TPOT with one stream alone: %.1f ms (median of %d steps)",
+                        self._unloaded_tpot_s * 1000, len(steps))
 
     def _batch_output_stream(self, generator):
         """Ray Serve LLM's hook for merging a stream's outputs: ours paced by load (module docstring)."""
@@ -152,11 +177,13 @@ class ObservedLLMServer(LLMServer):
             await asyncio.sleep(GPU_POLL_S)
 
     async def engine_load(self) -> dict:
-        """vLLM's running / waiting requests and KV-cache usage on this replica, and its GPU group's latest
-        reading (``gpu``: utilisation 0..1, memory bytes; None without GPUs)."""
+        """vLLM's running / waiting requests and KV-cache usage on this replica, its GPU group's latest
+        reading (``gpu``: utilisation 0..1, memory bytes; None without GPUs) and its TPOT with one stream
+        alone measured at warm-up (``unloaded_tpot_s``, seconds; None if not measured)."""
         load = current_load().as_dict()
         load["unfinished"] = self._unfinished_requests()
         load["gpu"] = self._gpu_reading.as_dict() if self._gpu_reading is not None else None
+        load["unloaded_tpot_s"] = self._unloaded_tpot_s
         return load
 
     def _unfinished_requests(self) -> int | None:
