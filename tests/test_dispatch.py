@@ -195,7 +195,7 @@ def test_before_anything_finished_a_queued_request_is_shed_on_the_engines_measur
     async def scenario():
         first = await RequestLife(plan(pool, max_tokens=128), pool)._acquire()
         assert first == 0.0
-        pool.started("first", P.HIGH, pool.service_s(P.HIGH, 128))
+        pool.started("first", P.HIGH, 128)
         second = asyncio.create_task(RequestLife(plan(pool, max_tokens=128), pool)._acquire())
         third = asyncio.create_task(RequestLife(plan(pool, max_tokens=128), pool)._acquire())
         await asyncio.sleep(0)
@@ -489,3 +489,21 @@ def test_the_pool_takes_its_tpot_slo_from_the_slowest_engine_alone_and_every_use
 
     pool.apply(make_pool(tpot_slo_from_engine=4.0).queue_settings, CircuitSettings())  # a reconfigure
     assert pool.queue_settings.tightest_tpot_s == pytest.approx(0.20)  # keeps what was measured
+
+
+def test_running_requests_are_judged_at_the_engines_speed_now_not_at_their_start():
+    # A burst started at an idle engine's TPOT (50 ms: 6.4 s for 128 tokens) and the engine then slowed
+    # to 300 ms a token under it: the next request's wait is the running ones' 38 s, not the 6.4 s
+    # expected when they started, so it is refused now rather than at its start deadline.
+    pool = make_pool(window=2, max_window=2)
+    measured(pool, 0.05)
+
+    async def scenario():
+        for key in ("a", "b"):
+            await pool.scheduler.acquire(P.HIGH, 30, 4096)
+            pool.started(key, P.HIGH, 128)
+        assert pool.forecast(P.HIGH, 128).seconds == pytest.approx(6.4, abs=0.1)
+        measured(pool, 0.3)
+        return pool.forecast(P.HIGH, 128).seconds
+
+    assert run(scenario()) == pytest.approx(38.4, abs=0.2)

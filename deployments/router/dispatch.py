@@ -111,11 +111,11 @@ def _usage_tokens(text) -> int | None:
 
 
 class _Slot:
-    """A window slot, released exactly once; the pool knows how long it is expected to be held."""
+    """A window slot, released exactly once; the pool knows what holds it (class, max_tokens)."""
 
-    def __init__(self, pool: PoolState, cls: PriorityClass, expected_s: float, tenant: str = ""):
+    def __init__(self, pool: PoolState, cls: PriorityClass, max_tokens: int, tenant: str = ""):
         self._pool, self._cls, self._tenant, self._held = pool, cls, tenant, True
-        pool.started(self, cls, expected_s)
+        pool.started(self, cls, max_tokens)
 
     def first_token(self) -> None:
         self._pool.first_token(self)
@@ -215,8 +215,7 @@ class RequestLife:
         self.plan.headers["x-queue-wait-ms"] = f"{waited * 1000:.0f}"
         metrics.queue_waited(self.plan.pool, self.plan.cls.label, waited)
         self._started_at = self._clock()
-        expected_s = self.pool.service_s(self.plan.cls, self.plan.max_tokens)
-        return await self._call(call, _Slot(self.pool, self.plan.cls, expected_s, self._tenant))
+        return await self._call(call, _Slot(self.pool, self.plan.cls, self.plan.max_tokens, self._tenant))
 
     def _refusal(self) -> Response | None:
         """503 while the pool cannot serve at all; 429 when it could not start this request in time."""

@@ -65,7 +65,7 @@ class PoolState:
         self.not_ready_reason = "the model is loading"
         self._tpot_s: float | None = None  # the engine's latest fresh TPOT
         self._last_tpot_s: float | None = None  # the latest TPOT measured at all, however old
-        self._running: dict[object, tuple[PriorityClass, float, float]] = {}  # -> (class, started, expected s)
+        self._running: dict[object, tuple[PriorityClass, float, int]] = {}  # -> (class, started, max_tokens)
         self._prefilling: set[object] = set()  # long prompts (medium, low) started, first token not yet seen
         self._prefill_ended_at = -float("inf")
         self.last_window_decision: WindowDecision | None = None
@@ -102,10 +102,10 @@ class PoolState:
         took 1.5 s where 256 x the 50 ms SLO said 12.8 s, and refused half a flood the engine could take)."""
         return self.service[cls].estimate_s(max_tokens) or self.decode_s(cls, max_tokens)
 
-    def started(self, key: object, cls: PriorityClass, expected_s: float) -> None:
-        """A request took its slot and is expected to hold it for ``expected_s``. A medium or low one
-        (a long prompt, by classification) counts as in prefill until ``first_token`` or ``finished``."""
-        self._running[key] = (cls, time.monotonic(), expected_s)
+    def started(self, key: object, cls: PriorityClass, max_tokens: int) -> None:
+        """A request of ``cls`` asking for up to ``max_tokens`` took its slot. A medium or low one (a long
+        prompt, by classification) counts as in prefill until ``first_token`` or ``finished``."""
+        self._running[key] = (cls, time.monotonic(), max_tokens)
         if cls is not PriorityClass.HIGH:
             self._prefilling.add(key)
 
@@ -125,12 +125,18 @@ class PoolState:
 
     def _remaining_s(self, cls: PriorityClass, service_s: float) -> list[float]:
         """Expected seconds left of each running request whose slot ``cls`` could take (its own class's
-        when capped, else all); one not known here counts as just started."""
+        when capped, else all); one not known here counts as just started.
+
+        Judged by what is measured now, not by what was expected when each started: a burst of 32 chats
+        that started at an idle engine's speed (9 s each on the slow 2-core machine) ran at a full
+        batch's (36 s), and the queue behind it, told "a slot frees any moment", waited 20-30 s for its
+        429 instead of getting it within a few polls."""
         capped = cls.label in self.queue_settings.max_in_flight_per_class
         count = self.scheduler.running(cls) if capped else self.scheduler.in_flight
         now = time.monotonic()
-        known = [max(0.0, expected - (now - started)) for c, started, expected in self._running.values()
-                 if not capped or c is cls]
+        per_token = {c: self.service_s(c, 1) for c in PriorityClass}  # both estimates grow linearly with it
+        known = [max(0.0, max_tokens * per_token[c] - (now - started))
+                 for c, started, max_tokens in self._running.values() if not capped or c is cls]
         return (known + [service_s] * count)[:count]
 
     def decode_s(self, cls: PriorityClass, max_tokens: int, joining: int = 0) -> float:
