@@ -14,6 +14,8 @@ import httpx
 import openai
 import pytest
 
+from deployments.config.app_args import served_app_from_serve_config
+
 pytestmark = pytest.mark.integration
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -74,6 +76,12 @@ def test_health(base_url, model_id):
     assert main["circuit"] == "closed" and main["classes"] == ["high", "low", "medium"]
     assert set(main["engine_load"]) >= {"running", "waiting", "kv_cache_usage", "gpu"}
     assert main["engine_load"]["gpu"] is None  # no GPU here: the signal is absent, not zero
+    # The replica timed one stream alone at warm-up; the CPU profile's TPOT SLO follows it on this machine.
+    unloaded = main["unloaded_tpot_s"]
+    assert unloaded is not None and 0 < unloaded == main["engine_load"]["unloaded_tpot_s"]
+    app = served_app_from_serve_config()
+    declared = app.queue_settings(app.args.primary)
+    assert main["tpot_slo_s"] == pytest.approx(declared.scaled_to_engine(unloaded).tightest_tpot_s)
 
 
 # --- bad input: OpenAI-format errors, never a 500, never a dead replica ----------
