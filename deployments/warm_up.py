@@ -13,10 +13,7 @@ WARM_UP_PROMPT = "Hi"
 
 def one_token_request(model_id: str):
     """A ChatCompletionRequest for ``model_id`` that generates one token."""
-    from ray.serve.llm.openai_api_models import ChatCompletionRequest
-
-    return ChatCompletionRequest(model=model_id, messages=[{"role": "user", "content": WARM_UP_PROMPT}],
-                                 max_tokens=1, temperature=0.0, stream=False)
+    return _greedy_chat(model_id, max_tokens=1)
 
 
 # Decoding steps the measuring request times: enough for a median that ignores a first slow step or two.
@@ -26,7 +23,11 @@ MEASURING_TOKENS = 32
 def measuring_request(model_id: str):
     """A ChatCompletionRequest for ``model_id`` that decodes ``MEASURING_TOKENS`` tokens, greedy, whatever
     the model would say (``ignore_eos``)."""
+    return _greedy_chat(model_id, max_tokens=MEASURING_TOKENS, ignore_eos=True)
+
+
+def _greedy_chat(model_id: str, **fields):
     from ray.serve.llm.openai_api_models import ChatCompletionRequest
 
     return ChatCompletionRequest(model=model_id, messages=[{"role": "user", "content": WARM_UP_PROMPT}],
-                                 max_tokens=MEASURING_TOKENS, temperature=0.0, ignore_eos=True, stream=False)
+                                 temperature=0.0, stream=False, **fields)
