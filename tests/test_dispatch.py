@@ -507,3 +507,48 @@ def test_running_requests_are_judged_at_the_engines_speed_now_not_at_their_start
         return pool.forecast(P.HIGH, 128).seconds
 
     assert run(scenario()) == pytest.approx(38.4, abs=0.2)
+
+
+def test_slow_start_looks_again_after_some_engine_steps_not_a_whole_poll_while_requests_wait():
+    from deployments.router.pool import POLL_S, _RAMP_MIN_S, _RAMP_STEPS
+
+    pool = make_pool(window=1, max_window=64)
+    measured(pool, 0.005)  # far under the SLO: the window has headroom
+
+    async def scenario():
+        await pool.scheduler.acquire(P.HIGH, 1)
+        pool._unloaded_tpot_s = 0.004
+        intervals = {"nothing waits": pool.poll_interval_s()}
+        pool.scheduler._enqueue(P.HIGH)  # waits only for the full window
+        for unloaded in (None, 0.004, 0.067, 0.001):  # not measured yet; the H200; a slow CPU; a floor
+            pool._unloaded_tpot_s = unloaded
+            intervals[unloaded] = pool.poll_interval_s()
+        return intervals
+
+    intervals = run(scenario())
+    assert intervals["nothing waits"] == POLL_S
+    assert intervals[None] == POLL_S  # nothing measured: the plain poll
+    assert intervals[0.004] == pytest.approx(_RAMP_STEPS * 0.004) and intervals[0.004] < POLL_S
+    assert intervals[0.067] == POLL_S and intervals[0.001] == _RAMP_MIN_S
+
+
+def test_after_the_first_cut_the_router_looks_every_poll_again():
+    from deployments.router.pool import POLL_S
+    from deployments.router.window import EngineSample
+
+    pool = make_pool(window=2, max_window=64)
+    pool._unloaded_tpot_s = 0.004
+
+    async def scenario():
+        for _ in range(2):
+            await pool.scheduler.acquire(P.HIGH, 1)
+        pool.scheduler._enqueue(P.HIGH)
+        ramping = pool.poll_interval_s()
+        slo = pool.queue_settings.tightest_tpot_s
+        for _ in range(2):  # two looks clearly over the SLO: a cut, slow start ends
+            pool.window.observe(EngineSample(tpot_s=slo * 2, kv_cache_usage=0.1, in_use=1, queued=1,
+                                             window_bound=True, prefilling=False))
+        return ramping, pool.poll_interval_s()
+
+    ramping, after_cut = run(scenario())
+    assert ramping < POLL_S and after_cut == POLL_S

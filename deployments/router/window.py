@@ -135,6 +135,11 @@ class AdaptiveWindow:
             self._share = share
 
     @property
+    def in_slow_start(self) -> bool:
+        """True until the first cut: the window still grows by the measured headroom."""
+        return self._slow_start
+
+    @property
     def per_replica(self) -> int:
         return max(1, int(self.limit))
 
