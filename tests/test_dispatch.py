@@ -16,6 +16,7 @@ from deployments.router.dispatch import RequestLife, RequestPlan
 from deployments.router.pool import PoolState
 from deployments.router.pools import PoolRoute
 from deployments.router.settings import CircuitSettings, PriorityClass as P, QueueSettings
+from deployments.server.load_report import ReplicaLoad
 
 
 class FakeCall:
@@ -466,7 +467,7 @@ class LoadReporter:
         self.load = load
 
     async def _answer(self):
-        return dict(self.load)
+        return ReplicaLoad(**self.load)
 
     def remote(self):
         return self._answer()

@@ -185,7 +185,7 @@ class Router(OpenAiIngress):
                 continue
             try:
                 await pool.handle.check_health.remote()
-                pools[name]["engine_load"] = await pool.handle.engine_load.remote()  # one replica's view
+                pools[name]["engine_load"] = (await pool.handle.engine_load.remote()).as_dict()  # one replica's view
             except Exception as exc:  # any failure means "not ready", reported, not raised
                 problems[name] = f"{type(exc).__name__}: {exc}"[:500]
         if problems:

@@ -31,6 +31,7 @@ from deployments.router.pools import PoolRoute
 from deployments.router.scheduler import PriorityScheduler
 from deployments.router.settings import CircuitSettings, PriorityClass, QueueSettings
 from deployments.router.window import AdaptiveWindow, EngineSample, WindowDecision
+from deployments.server.load_report import ReplicaLoad
 from deployments.warm_up import one_token_request
 
 logger = logging.getLogger("ray.serve")
@@ -277,14 +278,14 @@ class PoolState:
 
     async def _poll_engine(self) -> None:
         async with asyncio.timeout(self._probe_timeout_s):
-            load = await self.handle.engine_load.remote()
-        self._learn_unloaded_tpot(load.get("unloaded_tpot_s"))
-        tpot = load.get("tpot_s")
+            load: ReplicaLoad = await self.handle.engine_load.remote()
+        self._learn_unloaded_tpot(load.unloaded_tpot_s)
+        tpot = load.tpot_s
         self._last_tpot_s = tpot or self._last_tpot_s
-        if tpot is not None and time.time() - load.get("tpot_at", 0) > _STALE_POLLS * POLL_S:
+        if tpot is not None and time.time() - load.tpot_at > _STALE_POLLS * POLL_S:
             tpot = None
         self._tpot_s = tpot
-        sample = EngineSample(tpot_s=tpot, kv_cache_usage=float(load.get("kv_cache_usage", 0.0)),
+        sample = EngineSample(tpot_s=tpot, kv_cache_usage=load.kv_cache_usage,
                               in_use=self.scheduler.in_flight, queued=self.queued,
                               window_bound=self.scheduler.window_bound(), prefilling=self.prefilling)
         decision = self.window.observe(sample, self.scheduler.replicas)

@@ -13,26 +13,12 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
-
 from vllm.v1.metrics.loggers import StatLoggerBase
 
-
-@dataclass(frozen=True)
-class EngineLoad:
-    running: int = 0
-    waiting: int = 0
-    kv_cache_usage: float = 0.0
-    updated_at: float = 0.0
-    tpot_s: float | None = None      # smoothed mean inter-token latency of recent steps, seconds
-    tpot_at: float = 0.0             # when a step last decoded tokens (time.time())
-    generated_tokens: int = 0        # output tokens generated since the engine started
-
-    def as_dict(self) -> dict:
-        return asdict(self)
+from deployments.server.load_report import ReplicaLoad
 
 
-_latest: dict[int, EngineLoad] = {}
+_latest: dict[int, ReplicaLoad] = {}
 _tpot: dict[int, tuple[float, float]] = {}   # engine -> (smoothed TPOT s, when)
 _generated: dict[int, int] = {}
 
@@ -46,13 +32,13 @@ _steps_recorded = 0
 _TPOT_WEIGHT = 0.2
 
 
-def current_load() -> EngineLoad:
+def current_load() -> ReplicaLoad:
     """Summed over this process's engines (data-parallel ranks), mean KV usage."""
     loads = list(_latest.values())
     tpots = list(_tpot.values())
     if not loads:
-        return EngineLoad(generated_tokens=sum(_generated.values()))
-    return EngineLoad(
+        return ReplicaLoad(generated_tokens=sum(_generated.values()))
+    return ReplicaLoad(
         running=sum(l.running for l in loads),
         waiting=sum(l.waiting for l in loads),
         kv_cache_usage=sum(l.kv_cache_usage for l in loads) / len(loads),
@@ -92,7 +78,7 @@ class EngineLoadLogger(StatLoggerBase):
             self._record_iteration(iteration_stats, engine_idx)
         if scheduler_stats is None:
             return
-        _latest[engine_idx] = EngineLoad(
+        _latest[engine_idx] = ReplicaLoad(
             running=scheduler_stats.num_running_reqs,
             waiting=scheduler_stats.num_waiting_reqs,
             kv_cache_usage=scheduler_stats.kv_cache_usage,

@@ -34,6 +34,7 @@ import asyncio
 import logging
 import statistics
 import time
+from dataclasses import replace
 
 from ray.serve.llm.deployment import LLMServer
 
@@ -41,6 +42,7 @@ from deployments.autoscaling.gpu import GpuGroupReading, device_uuids, read_grou
 from deployments.config.names import ENGINE_RUNNING, ENGINE_WAITING, GPU_UTILIZATION, KV_CACHE_USAGE, pool_of_deployment
 from deployments.observability import metrics
 from deployments.server.engine_load import current_load, step_tpots_since, steps_recorded
+from deployments.server.load_report import ReplicaLoad
 from deployments.server.stream_batching import DEFAULT_BATCHES_PER_S, StreamPacer, paced_batches
 from deployments.server.worker_extension import GPU_UUID_RPC, SEEDED_SAMPLING_RPC, extension_kwargs
 from deployments.warm_up import measuring_request, one_token_request
@@ -176,15 +178,13 @@ class ObservedLLMServer(LLMServer):
                                   memory_total_bytes=reading.memory_total_bytes)
             await asyncio.sleep(GPU_POLL_S)
 
-    async def engine_load(self) -> dict:
+    async def engine_load(self) -> ReplicaLoad:
         """vLLM's running / waiting requests and KV-cache usage on this replica, its GPU group's latest
         reading (``gpu``: utilisation 0..1, memory bytes; None without GPUs) and its TPOT with one stream
         alone measured at warm-up (``unloaded_tpot_s``, seconds; None if not measured)."""
-        load = current_load().as_dict()
-        load["unfinished"] = self._unfinished_requests()
-        load["gpu"] = self._gpu_reading.as_dict() if self._gpu_reading is not None else None
-        load["unloaded_tpot_s"] = self._unloaded_tpot_s
-        return load
+        return replace(current_load(), unfinished=self._unfinished_requests(),
+                       gpu=self._gpu_reading.as_dict() if self._gpu_reading is not None else None,
+                       unloaded_tpot_s=self._unloaded_tpot_s)
 
     def _unfinished_requests(self) -> int | None:
         # The frontend's own count of requests not yet finished or aborted; it
