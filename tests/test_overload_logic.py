@@ -344,3 +344,32 @@ def test_a_profile_measured_on_its_machine_scales_its_tpot_slo_from_the_engine_a
     assert web_chat.scaled_to_engine(0.08) is web_chat
     with pytest.raises(ValueError):
         QueueSettings(tpot_slo_from_engine=1.0)  # an SLO at the engine's own unloaded speed is no SLO
+
+
+def test_a_full_window_with_headroom_grows_before_anyone_waits():
+    window = AdaptiveWindow(WindowSettings(initial=5), SLO)
+    full = EngineSample(tpot_s=0.02, kv_cache_usage=0.1, in_use=5, queued=0, window_bound=False, window_full=True)
+    decision = window.observe(full)
+    assert decision.move is WindowMove.GROW and "full" in decision.reason and window.per_replica == 10
+    near = AdaptiveWindow(WindowSettings(initial=5), SLO)  # full but at 90% of the SLO: no evidence for more
+    assert near.observe(EngineSample(0.045, 0.1, 5, 0, False, window_full=True)).move is WindowMove.HOLD
+
+
+def test_the_scheduler_calls_the_window_full_when_a_running_classs_next_request_would_wait():
+    import asyncio
+
+    from deployments.router.scheduler import PriorityScheduler
+
+    async def scenario():
+        sched = PriorityScheduler(QueueSettings(window={"initial": 4}, max_in_flight_per_class={"low": 1}))
+        seen = {"idle": sched.window_full()}
+        await sched.acquire(P.LOW, 1)
+        seen["low at its cap, window not full"] = sched.window_full()
+        for _ in range(2):
+            await sched.acquire(P.MEDIUM, 1)
+        seen["3 of 4: all that medium and low may use"] = sched.window_full()
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert seen == {"idle": False, "low at its cap, window not full": False,
+                    "3 of 4: all that medium and low may use": True}

@@ -287,7 +287,8 @@ class PoolState:
         self._tpot_s = tpot
         sample = EngineSample(tpot_s=tpot, kv_cache_usage=load.kv_cache_usage,
                               in_use=self.scheduler.in_flight, queued=self.queued,
-                              window_bound=self.scheduler.window_bound(), prefilling=self.prefilling)
+                              window_bound=self.scheduler.window_bound(), prefilling=self.prefilling,
+                              window_full=self.scheduler.window_full())
         decision = self.window.observe(sample, self.scheduler.replicas)
         if decision.move.value != "hold" or self.last_window_decision is None:
             logger.info("pool %s: window %s to %d per replica: %s", self.route.name, decision.move.value,

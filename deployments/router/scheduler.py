@@ -196,6 +196,13 @@ class PriorityScheduler:
                    self._shared_in_flight() >= limit_for(c, self._window, self._settings, self._replicas)
                    for c in PriorityClass)
 
+    def window_full(self) -> bool:
+        """Has a class that runs used all the window it may (less the high reserve), so that its next
+        request would wait? (Its class cap aside: the window would not help that one.)"""
+        return any(self._running[c] and
+                   self._shared_in_flight() >= limit_for(c, self._window, self._settings, self._replicas)
+                   for c in PriorityClass)
+
     def slots_for(self, cls: PriorityClass, window: int | None = None) -> int:
         """How many requests of ``cls`` can run at once: the window (this one, or ``window`` per replica)
         less the reserve, within the class's cap."""
