@@ -196,6 +196,21 @@ def test_service_meter_follows_recent_completions():
     assert meter.estimate_s(50) == pytest.approx(meter.mean_s / 2)  # half the tokens, half the time
 
 
+def test_service_time_scales_only_its_decode_part_with_max_tokens():
+    # The fresh-eye trial: a 2k-token prompt asking for 3 tokens held its slot 20 s, nearly all prefill;
+    # scaling the whole 20 s by max_tokens forecast a 200-token request at ~1,300 s.
+    meter = ServiceMeter()
+    meter.record(20.0, 3, first_token_s=19.8)
+    assert meter.estimate_s(200) == pytest.approx(19.8 + 200 * 0.2 / 3)  # prefill once, ~0.07 s a token
+    assert meter.estimate_s(200) < 40
+    whole = ServiceMeter()  # whole answers alone: their first token is unknown, all counts as decode
+    whole.record(10.0, 100)
+    assert whole.estimate_s(50) == pytest.approx(5.0)
+    whole.record(10.0, 100, first_token_s=2.0)  # once a stream shows the prefill, it is kept apart
+    assert whole.first_s == pytest.approx(2.0)
+    assert whole.estimate_s(100) == pytest.approx(2.0 + 100 * (0.1 + 0.2 * (0.08 - 0.1)))  # smoothed per token
+
+
 def test_forecast_counts_the_requests_ahead_and_when_the_running_ones_end():
     assert forecast_wait(ahead=0, slots=4, service_s=8.0, remaining_s=[3.0, 5.0]).seconds == 0  # 2 free
     # 4 slots, all running, ending in 1, 2, 3 and 4 s: the 3rd one ahead starts when the 4th ends

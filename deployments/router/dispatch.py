@@ -322,7 +322,8 @@ class RequestLife:
 
     def _served(self) -> None:
         self.pool.circuit.record_success()
-        self.pool.service[self.plan.cls].record(self._clock() - self._started_at, self.plan.max_tokens)
+        first_token_s = None if self._first_token_at is None else self._first_token_at - self._started_at
+        self.pool.service[self.plan.cls].record(self._clock() - self._started_at, self.plan.max_tokens, first_token_s)
 
     async def _guard_stream(self, chunks: AsyncIterator[str], slot: _Slot, calls: CallTracker):
         """Enforce the generation budget and the stall timeout between chunks; clean up however it ends."""

@@ -22,30 +22,49 @@ _WEIGHT = 0.2
 
 
 class ServiceMeter:
-    """Mean seconds a request of one class holds its slot (slot taken -> last token), smoothed.
+    """How long a request of one class holds its slot (slot taken -> last token), smoothed, as two parts:
+    the time to its first token (prefill: the prompt's length, not ``max_tokens``) and the time per
+    requested output token after it.
 
     Service time, not completion rate: a quiet pool finishes few requests per
     second because few arrive, not because it is slow, so a rate measured while
     idle would refuse the next burst. Little's law turns it into a rate: with
     ``slots`` running, one frees every ``mean / slots`` seconds.
+
+    Two parts, because scaling the whole by ``max_tokens`` scaled the prefill too: after a low-class
+    2k-token prompt asking for a few tokens (20 s, nearly all prefill), a 200-token low request was
+    forecast at ~350 s and a burst of them got ``Retry-After`` of 3,569-6,949 s for a backlog that
+    cleared in 70 s.
     """
 
     def __init__(self) -> None:
-        self.mean_s: float | None = None
-        self.mean_tokens: float | None = None
+        self.mean_s: float | None = None         # whole service time, seconds (shown in /health)
+        self.mean_tokens: float | None = None    # max_tokens of the requests measured
+        self.first_s: float | None = None        # slot taken -> first token, seconds
+        self.per_token_s: float | None = None    # seconds per requested output token after the first
 
-    def record(self, service_s: float, max_tokens: int) -> None:
-        if self.mean_s is None:
-            self.mean_s, self.mean_tokens = service_s, float(max_tokens)
-            return
-        self.mean_s += _WEIGHT * (service_s - self.mean_s)
-        self.mean_tokens += _WEIGHT * (max_tokens - self.mean_tokens)
+    def record(self, service_s: float, max_tokens: int, first_token_s: float | None = None) -> None:
+        """One request served: ``service_s`` seconds in its slot for up to ``max_tokens`` tokens;
+        ``first_token_s`` of them to its first token, when known (a stream; None for a whole answer,
+        whose prefill is then taken to be the class's mean)."""
+        fixed = first_token_s if first_token_s is not None else min(self.first_s or 0.0, service_s)
+        per_token = max(0.0, service_s - fixed) / max(1, max_tokens)
+        self.mean_s = _smoothed(self.mean_s, service_s)
+        self.mean_tokens = _smoothed(self.mean_tokens, float(max_tokens))
+        self.per_token_s = _smoothed(self.per_token_s, per_token)
+        if first_token_s is not None:
+            self.first_s = _smoothed(self.first_s, first_token_s)
 
     def estimate_s(self, max_tokens: int) -> float | None:
-        """One request's own service time: the mean, scaled by its max_tokens against the mean's."""
-        if self.mean_s is None:
+        """One request's own service time, seconds: the class's time to a first token plus its
+        ``max_tokens`` at the measured time per token; None before any request of the class finished."""
+        if self.per_token_s is None:
             return None
-        return self.mean_s * max_tokens / max(1.0, self.mean_tokens)
+        return (self.first_s or 0.0) + self.per_token_s * max_tokens
+
+
+def _smoothed(mean: float | None, value: float) -> float:
+    return value if mean is None else mean + _WEIGHT * (value - mean)
 
 
 @dataclass(frozen=True)

@@ -143,8 +143,7 @@ class PoolState:
         capped = cls.label in self.queue_settings.max_in_flight_per_class
         count = self.scheduler.running(cls) if capped else self.scheduler.in_flight
         now = time.monotonic()
-        per_token = {c: self.service_s(c, 1) for c in PriorityClass}  # both estimates grow linearly with it
-        known = [max(0.0, max_tokens * per_token[c] - (now - started))
+        known = [max(0.0, self.service_s(c, max_tokens) - (now - started))
                  for c, started, max_tokens in self._running.values() if not capped or c is cls]
         return (known + [service_s] * count)[:count]
 
