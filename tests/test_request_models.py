@@ -51,3 +51,34 @@ def test_int64_edges_and_text_format_still_parse():
     request = ChatCompletionRequest.model_validate({**CHAT, "seed": 2**63 - 1, "top_k": -(2**63),
                                                     "allowed_token_ids": [2], "response_format": {"type": "text"}})
     assert request.seed == 2**63 - 1
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/v1/completions", {"model": "m", "prompt": "", "max_tokens": 3}, "prompt"),
+    ("/v1/completions", {"model": "m"}, "prompt"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_schema"}}, "response_format"),
+])
+def test_vllms_own_checks_are_a_400_in_openais_format_naming_the_field(path, body, param):
+    # Found by a fresh-eye trial: vLLM's VLLMValidationError is not a ValueError, so it passed pydantic by;
+    # the client got type "VLLMValidationError" and the message three times, the log a 60-line traceback.
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from deployments.router.errors import install_openai_error_handlers
+
+    app = FastAPI()
+    install_openai_error_handlers(app)
+
+    @app.post("/v1/completions")
+    async def completions(request: CompletionRequest):
+        return {}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: ChatCompletionRequest):
+        return {}
+
+    response = TestClient(app, raise_server_exceptions=True).post(path, json=body)
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["type"] == "invalid_request_error" and error["param"] == param
+    assert error["message"].startswith(f"Invalid value for '{param}': ") and "vllm" not in error["message"]
+    assert "(parameter=" not in error["message"] and error["message"].count(". ") <= 1

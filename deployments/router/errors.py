@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
 from deployments.observability import metrics
+from deployments.router.request_models import FieldError
 
 # OpenAI's error `type` for the statuses that have their own; any other 4xx is the client's
 # (invalid_request_error), any other 5xx the server's (server_error).
@@ -77,6 +78,11 @@ async def _validation_error_to_openai(request: Request, exc: RequestValidationEr
     errors = exc.errors()
     first = errors[0] if errors else {}
     param = param_path(first.get("loc", ()))
+    refused = (first.get("ctx") or {}).get("error")
+    if isinstance(refused, FieldError):  # vLLM's own check across fields, naming the field
+        metrics.refused_at_door(400, "schema")
+        prefix = f"Invalid value for '{refused.param}': " if refused.param else "invalid request: "
+        return openai_error(400, prefix + refused.message, param=refused.param)
     if first.get("type") == "json_invalid":
         message = f"request body is not valid JSON: {first.get('msg', '')} ({(first.get('ctx') or {}).get('error', '')})"
         param = None

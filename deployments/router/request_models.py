@@ -16,6 +16,11 @@
   ``allowed_token_ids`` with a structured output (the grammar and the allowed
   set can exclude every token: the engine terminates the request with an
   internal error); ``truncate_prompt_tokens: 0`` (an empty prompt).
+- vLLM's own checks across fields raise its ``VLLMClientError`` (``VLLMValidationError``: an empty
+  ``prompt``, ``response_format`` json_schema without a schema), which is not a ValueError: pydantic let
+  it through, Ray's middleware logged a 60-line traceback and answered type ``VLLMValidationError`` with
+  the message three times. Here it is a ``FieldError``: a 400 ``invalid_request_error`` naming the field
+  (errors.py), no traceback.
 """
 
 from __future__ import annotations
@@ -28,6 +33,21 @@ from ray.serve.llm.openai_api_models import CompletionRequest as _CompletionRequ
 
 # What vLLM's raw-body validators raise on a value of an unexpected type.
 RAW_VALIDATOR_FAILURES = (TypeError, AttributeError, KeyError, IndexError)
+try:  # vLLM's request errors (vllm.exceptions; the GPU stack's older vLLM may lack the module)
+    from vllm.exceptions import VLLMClientError as _VLLMClientError
+
+    CLIENT_ERRORS: tuple[type[BaseException], ...] = (_VLLMClientError,)
+except ImportError:
+    CLIENT_ERRORS = ()
+
+
+class FieldError(ValueError):
+    """A request field's value refused by a check across fields; ``param`` names the field (or None).
+    pydantic turns it into a validation error that keeps this exception, so errors.py can name the field."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.message, self.param = message, param
 
 
 def first_bad_field(model: type, data: Any) -> str:
@@ -83,6 +103,10 @@ def validate_naming_the_field(model: type, data: Any, handler) -> Any:
     except RAW_VALIDATOR_FAILURES:
         # pydantic turns a ValueError into a validation error: a 400 in OpenAI's format.
         raise ValueError(first_bad_field(model, data)) from None
+    except CLIENT_ERRORS as refused:
+        parameter = getattr(refused, "parameter", None)
+        message = refused.args[0] if refused.args else str(refused)
+        raise FieldError(str(message), parameter if isinstance(parameter, str) else None) from None
     check_parsed(request)
     return request
 
