@@ -201,7 +201,7 @@ def test_a_start_while_a_turn_runs_is_409_and_the_turn_goes_on(socket, router):
 
 
 @pytest.mark.parametrize("sent, status, param, words", [
-    ("not json", 400, None, "not valid JSON"),
+    ("not json", 400, None, "in a text frame"),  # not the HTTP API's Content-Type hint
     ("[1, 2]", 400, None, "JSON object"),
     ('{"type": "start", "request": {"messages": [{"role": "user", "content": "\\ud800"}]}}', 400,
      "request.messages[0].content", "surrogate"),

@@ -42,14 +42,16 @@ def declares_json(content_type: bytes | None) -> bool:
     return mime == JSON or (mime.startswith(b"application/") and mime.endswith(b"+json"))
 
 
-def json_problem(body: bytes) -> str | None:
-    """Why ``body`` is not JSON, or None when it is (an empty body is left to the endpoint's own check)."""
+def json_problem(body: bytes, what: str = "request body",
+                 hint: str = "send a JSON object with Content-Type: application/json") -> str | None:
+    """Why ``body`` is not JSON, or None when it is (an empty body is left to the endpoint's own check).
+    ``what``/``hint`` word it for where it came from (an HTTP body, a WebSocket message)."""
     if not body.strip():
         return None
     try:
         json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
-        return f"request body is not valid JSON ({exc}); send a JSON object with Content-Type: application/json"
+        return f"{what} is not valid JSON ({exc}); {hint}"
     return None
 
 

@@ -116,7 +116,8 @@ def parse_message(text: str | None, max_bytes: int) -> dict:
     if len(raw) > max_bytes:
         metrics.refused_at_door(413, "body_too_large")
         raise TurnError(413, f"message is larger than {max_bytes} bytes")
-    problem = json_problem(raw) or ("message is empty; send a JSON object" if not raw.strip() else None)
+    problem = (json_problem(raw, "message", "send each message as one JSON object in a text frame")
+               or ("message is empty; send a JSON object" if not raw.strip() else None))
     if problem is not None:
         metrics.refused_at_door(400, "invalid_json")
         raise TurnError(400, problem.replace("request body", "message"))
