@@ -553,3 +553,25 @@ def test_after_the_first_cut_the_router_looks_every_poll_again():
 
     ramping, after_cut = run(scenario())
     assert ramping < POLL_S and after_cut == POLL_S
+
+
+def test_a_request_that_starts_to_wait_wakes_the_watch_before_the_plain_poll():
+    from deployments.router.pool import POLL_S
+
+    pool = make_pool(window=1, max_window=64)
+    measured(pool, 0.005)
+    pool._unloaded_tpot_s = 0.002  # the ramp interval: 20 steps = 40 ms, a tenth of the plain poll
+
+    async def scenario():
+        await pool.scheduler.acquire(P.HIGH, 1)
+        idle_start = time.monotonic()
+        idle = asyncio.create_task(pool._until_next_poll())
+        await asyncio.sleep(POLL_S / 5)
+        assert not idle.done()  # nobody waits: the plain poll
+        waiter = asyncio.create_task(pool.scheduler.acquire(P.HIGH, 5))
+        await idle
+        woken_after = time.monotonic() - idle_start
+        waiter.cancel()
+        return woken_after
+
+    assert run(scenario()) < POLL_S * 0.6  # woken at the waiter (~0.1 s), not at the 0.5 s poll

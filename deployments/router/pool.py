@@ -67,6 +67,8 @@ class PoolState:
         self._unloaded_tpot_s: float | None = None  # the slowest unloaded TPOT a replica reported, seconds
         self.queue_settings = queues
         self.scheduler = PriorityScheduler(queues)
+        self._wake = asyncio.Event()  # a request started to wait: the watch may look sooner
+        self.scheduler.on_wait = self._wake.set
         self.circuit = CircuitBreaker(circuit)
         self.window = AdaptiveWindow(queues.window, queues.tightest_tpot_s)
         self.service = {cls: ServiceMeter() for cls in PriorityClass}
@@ -220,7 +222,19 @@ class PoolState:
                 logger.warning("pool %s: watch round failed", self.route.name, exc_info=True)
             finally:
                 self.export_metrics()
-                await asyncio.sleep(self.poll_interval_s())
+                await self._until_next_poll()
+
+    async def _until_next_poll(self) -> None:
+        """Wait ``poll_interval_s()`` after this look. A request that starts to wait re-reads the interval
+        at once: from idle, the first burst's waiters were held for the plain 0.5 s poll before slow start
+        could speed up (H200, pass 5: queue wait p50 282 ms at 64 streams)."""
+        looked = time.monotonic()
+        while (rest := looked + self.poll_interval_s() - time.monotonic()) > 0:
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), rest)
+            except TimeoutError:
+                return
 
     def poll_interval_s(self) -> float:
         """Seconds until the next look at the engine: POLL_S, or _RAMP_STEPS unloaded decoding steps

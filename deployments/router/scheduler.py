@@ -105,6 +105,8 @@ class PriorityScheduler:
         self._tenant_running: dict[str, int] = {}
         self._tenant_reserve = False  # keep tenant_reserve slots for tenants under their fair share
         self._reserve_held: dict[str, int] = {}  # per tenant: its requests that started in the reserve
+        # Called when a request starts to wait (the pool's watch then looks at the engine sooner).
+        self.on_wait: Callable[[], None] | None = None
 
     @property
     def window(self) -> int:
@@ -257,6 +259,8 @@ class PriorityScheduler:
             return 0.0
         waiter = self._enqueue(cls, tenant)
         waiter.deadline, waiter.max_tokens, waiter.cost = waiter.enqueued_at + timeout_s, max_tokens, cost
+        if self.on_wait is not None:
+            self.on_wait()
         try:
             await asyncio.wait_for(asyncio.shield(waiter.future), timeout_s)
         except asyncio.TimeoutError:
