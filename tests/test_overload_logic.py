@@ -388,20 +388,3 @@ def test_the_scheduler_calls_the_window_full_when_a_running_classs_next_request_
     seen = asyncio.run(scenario())
     assert seen == {"idle": False, "low at its cap, window not full": False,
                     "3 of 4: all that medium and low may use": True}
-
-
-def test_after_a_cut_the_measured_line_does_not_take_the_window_back_to_where_tpot_passed_the_slo():
-    # The 2-core flood's idle phase: the line put the SLO at 11.4 per replica, but at 11 TPOT went over
-    # (prefill chunks on top of the line): grow to 11, two cuts to 7, chats queued, again and again.
-    window = AdaptiveWindow(WindowSettings(initial=11, min=2, max=64), SLO)
-    for batch in (6, 7, 8, 9):  # a line reaching the SLO at ~11.4
-        window._learn(batch, 0.02 + 0.0026 * batch)
-    assert window.observe(busy(0.056, in_use=11)).move is WindowMove.HOLD  # just over once: confirming
-    assert window.observe(busy(0.056, in_use=11)).move is WindowMove.SHRINK  # 11 passed it: the ceiling
-    for _ in range(10):  # near the SLO (on the line), requests wait
-        window.observe(busy(0.02 + 0.0026 * window.per_replica, in_use=window.per_replica))
-    assert window.per_replica == 10  # back up by the line, but below the 11 that passed the SLO
-    decision = window.observe(busy(0.046, in_use=10))
-    assert decision.move is WindowMove.HOLD and "11 per replica passed it" in decision.reason
-    window.observe(busy(0.02, in_use=10))  # headroom again (the load changed): the ceiling goes
-    assert window.per_replica > 11

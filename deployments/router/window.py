@@ -123,11 +123,6 @@ class AdaptiveWindow:
         self.limit = float(self._bounded(settings.initial * share))
         self._slow_start = True  # until the first cut
         self._over = 0  # consecutive looks with TPOT over the SLO
-        # The smallest window (per replica) a TPOT cut came from since the engine last showed headroom:
-        # growth by the measured line stays below it. Without it the line (SLO at 11.4 per replica) took
-        # the window back to 11 each time, TPOT passed the SLO, two cuts took it to 7 and chats queued
-        # 1-3 s: a 2-core flood's idle phase lost three quarters of its goodput that way.
-        self._ceiling: int | None = None
         self._curve: OrderedDict[int, float] = OrderedDict()  # batch per replica -> smoothed TPOT
 
     def apply(self, settings: WindowSettings, tpot_slo_s: float) -> None:
@@ -139,7 +134,7 @@ class AdaptiveWindow:
         """This router's share of the pool (1 / router replicas): bounds scale with it."""
         if share != self._share:
             self.limit = self._bounded(self.limit * share / self._share)
-            self._share, self._ceiling = share, None
+            self._share = share
 
     @property
     def in_slow_start(self) -> bool:
@@ -188,12 +183,10 @@ class AdaptiveWindow:
                 # The last cut has not taken effect yet (requests drain as they finish); cutting
                 # again on the same evidence would overshoot, as TCP cuts once per round trip.
                 return WindowDecision(WindowMove.HOLD, self.limit, "TPOT over the SLO; draining to the last cut")
-            self._ceiling = min(self._ceiling or self.per_replica, self.per_replica)
             return self._move(WindowMove.SHRINK, self.limit * s.decrease,
                               f"TPOT {sample.tpot_s * 1000:.0f} ms > SLO {self._tpot_slo_s * 1000:.0f} ms")
         self._over = 0
         if self.has_headroom(sample.tpot_s) and (sample.window_bound or sample.window_full):
-            self._ceiling = None  # headroom measured: what was too many then may not be now
             # A full window with headroom grows before anyone waits (TCP grows a window that is used in
             # full): under a light Poisson load on the CPU, arrivals that found it full waited up to a
             # poll (0.25-0.52 s) for the growth, and three of ten missed the 1 s TTFT SLO that way.
@@ -207,19 +200,13 @@ class AdaptiveWindow:
             return self._move(WindowMove.GROW, self.limit * s.slow_start_increase,
                               f"TPOT {sample.tpot_s * 1000:.0f} ms under the SLO while prompts are prefilled")
         at_slo = batch_at_slo(self.points, self._tpot_slo_s)
-        below_ceiling = self._ceiling is None or self.per_replica + 1 < self._ceiling
-        if sample.window_bound and at_slo is not None and (self.per_replica + 1) <= at_slo * self._share \
-                and below_ceiling:
+        if sample.window_bound and at_slo is not None and (self.per_replica + 1) <= at_slo * self._share:
             # Near the SLO but, by the TPOT-per-batch line measured so far, one more still fits it.
             return self._move(WindowMove.GROW, self.limit + 1,
                               f"TPOT {sample.tpot_s * 1000:.0f} ms; the measured line puts the SLO at "
                               f"{at_slo:.1f} per replica")
-        if not sample.window_bound:
-            return WindowDecision(WindowMove.HOLD, self.limit, "no request waits for the window")
-        if not below_ceiling:
-            return WindowDecision(WindowMove.HOLD, self.limit,
-                                  f"TPOT near the SLO; {self._ceiling} per replica passed it last time")
-        return WindowDecision(WindowMove.HOLD, self.limit, "TPOT near the SLO")
+        return WindowDecision(WindowMove.HOLD, self.limit,
+                              "no request waits for the window" if not sample.window_bound else "TPOT near the SLO")
 
     def _growth(self, tpot_s: float) -> float:
         """Growth factor with headroom: in slow start the measured headroom, bounded; after it, ``increase``."""
