@@ -33,7 +33,7 @@ class ServiceMeter:
 
     Two parts, because scaling the whole by ``max_tokens`` scaled the prefill too: after a low-class
     2k-token prompt asking for a few tokens (20 s, nearly all prefill), a 200-token low request was
-    forecast at ~350 s and a burst of them got ``Retry-After`` of 3,569-6,949 s for a backlog that
+    forecast at hundreds of seconds and a burst of them got ``Retry-After`` of 3,569-6,949 s for a backlog that
     cleared in 70 s.
     """
 
