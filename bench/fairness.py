@@ -24,6 +24,7 @@ import copy
 import json
 import os
 import random
+import re
 import sys
 import tempfile
 import time
@@ -52,6 +53,8 @@ class Sample:
     output_tokens: int
     done_at: float
     queue_wait_s: float | None = None  # the router's x-queue-wait-ms: waiting for a window slot
+    error: str = ""  # a refusal's or failure's OpenAI error message (why a 429 came)
+    retry_after_s: float | None = None
 
 
 def tenants_doc(sharing: str) -> dict:
@@ -97,14 +100,16 @@ async def one(client, phase, tenant, model, i, max_tokens) -> Sample:
     body = {"model": model, "messages": short_chat(i), "max_tokens": max_tokens, "stream": True,
             "stream_options": {"include_usage": True}, "ignore_eos": True}
     sent = time.monotonic()
-    ttft, tokens, status, wait_ms = None, 0, 0, None
+    ttft, tokens, status, wait_ms, message = None, 0, 0, None, ""
     try:
         async with client.stream("POST", "/v1/chat/completions", json=body,
                                  headers={"Authorization": f"Bearer {KEYS[tenant]}"}) as stream:
             status = stream.status_code
             if status != 200:  # a JSON error, not a stream
                 await stream.aread()
-                return Sample(phase, tenant, sent, status, None, 0, time.monotonic())
+                retry = stream.headers.get("retry-after")
+                return Sample(phase, tenant, sent, status, None, 0, time.monotonic(), error=error_message(stream),
+                              retry_after_s=float(retry) if retry else None)
             wait_ms = stream.headers.get("x-queue-wait-ms")
             async for line in stream.aiter_lines():
                 if not line.startswith("data: {"):
@@ -114,11 +119,20 @@ async def one(client, phase, tenant, model, i, max_tokens) -> Sample:
                 if '"completion_tokens"' in line:
                     tokens = json.loads(line[len("data: "):])["usage"]["completion_tokens"]
                 if '"error"' in line:
-                    status = json.loads(line[len("data: "):])["error"]["code"]
-    except httpx.HTTPError:
-        status = 599
+                    error = json.loads(line[len("data: "):])["error"]
+                    status, message = error["code"], error.get("message", "")
+    except httpx.HTTPError as exc:
+        status, message = 599, repr(exc)
     return Sample(phase, tenant, sent, status, ttft, tokens, time.monotonic(),
-                  None if wait_ms is None else float(wait_ms) / 1000)
+                  None if wait_ms is None else float(wait_ms) / 1000, error=message)
+
+
+def error_message(response: httpx.Response) -> str:
+    """The OpenAI error body's message (or the body's start when it is not one)."""
+    try:
+        return response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return response.text[:200]
 
 
 async def poisson(client, phase, tenant, model, rate, seconds, max_tokens, seed) -> list[Sample]:
@@ -158,8 +172,19 @@ def summarise(samples: list[Sample]) -> list[dict]:
                          "ttft_p50_s": percentile(ttfts, 50), "ttft_p99_s": percentile(ttfts, 99),
                          "queue_wait_p50_s": percentile([s.queue_wait_s for s in served
                                                          if s.queue_wait_s is not None], 50),
-                         "output_tok_s": sum(s.output_tokens for s in served) / span if span > 0 else 0.0})
+                         "output_tok_s": sum(s.output_tokens for s in served) / span if span > 0 else 0.0,
+                         "refusals": refusal_reasons(mine)})
     return rows
+
+
+def refusal_reasons(samples: list[Sample]) -> dict[str, int]:
+    """How many non-200 answers gave each error message (digits folded, so one reason counts once)."""
+    reasons: dict[str, int] = {}
+    for s in samples:
+        if s.status != 200:
+            reason = f"{s.status} " + re.sub(r"\d+(\.\d+)?", "N", s.error)[:160]
+            reasons[reason] = reasons.get(reason, 0) + 1
+    return reasons
 
 
 def ratios(rows: list[dict]) -> dict:
@@ -182,7 +207,8 @@ def table(rows: list[dict]) -> str:
         fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
         lines.append(f"| {r['phase']} | {r['tenant']} | {r['sent']} | {r['served']} | {r['refused_429']} | "
                      f"{r['other']} | {fmt(r['queue_wait_p50_s'])} | {fmt(r['ttft_p50_s'])} | {fmt(r['ttft_p99_s'])} | {r['output_tok_s']:.1f} |")
-    return "\n".join(lines)
+    reasons = [f"- {r['phase']} {r['tenant']}: {n} x {reason}" for r in rows for reason, n in r["refusals"].items()]
+    return "\n".join(lines + (["", "Refusals and failures, by message:"] + reasons if reasons else []))
 
 
 def plot(samples: list[Sample], path: Path) -> None:

@@ -306,37 +306,12 @@ def proc_rows() -> list[tuple[int, int, str]]:
 
 
 def find_roles(server_pid: int | None = None) -> dict[str, int]:
-    """The processes of each hop, by process title (Ray: ``ray::ProxyActor``, ``ray::ServeReplica:APP:DEPL``;
-    vLLM: ``VLLM::EngineCore``)."""
-    roles: dict[str, int] = {}
-    for pid, ppid, cl in proc_rows():
-        if pid == os.getpid():
-            continue
-        if TARGET == "bare":
-            if pid == server_pid:
-                roles["api_server"] = pid
-            elif "EngineCore" in cl:
-                roles["engine_core"] = pid
-            continue
-        if "gpu_streaming.py" in cl:
-            continue
-        if "ProxyActor" in cl:
-            roles["proxy"] = pid
-        elif "ServeController" in cl:
-            roles["controller"] = pid
-        elif "ServeReplica" in cl and "LLMServer" in cl:
-            roles["llm_replica"] = pid
-        elif "ServeReplica" in cl:
-            roles["ingress"] = pid
-        elif "EngineCore" in cl:
-            roles["engine_core"] = pid
-        elif "RayWorkerWrapper" in cl:
-            roles["gpu_worker"] = pid
-        elif "/raylet" in cl.split(" ")[0]:
-            roles["raylet"] = pid
-        elif "gcs_server" in cl.split(" ")[0]:
-            roles["gcs"] = pid
-    return roles
+    """One process of each hop, by process title (bench/hop_cpu.py; bare: its API server and EngineCore)."""
+    import hop_cpu
+    roles = hop_cpu.find_roles(server_pid if TARGET == "bare" else None)
+    if TARGET == "bare":
+        roles = {role: pids for role, pids in roles.items() if role in ("api_server", "engine_core")}
+    return {role: pids[-1] for role, pids in roles.items()}
 
 
 def cpu_snapshot() -> dict[int, tuple[float, str]]:

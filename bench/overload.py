@@ -51,6 +51,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.hop_cpu import HopCpu, per_token_us  # noqa: E402
 from bench.priority_flood import deploy, percentile, short_chat  # noqa: E402
 from scripts.processes import spawn, stop  # noqa: E402
 
@@ -240,16 +241,18 @@ class Bare:
 # --- the run ------------------------------------------------------------------------------
 
 
-def level_record(samples, generated_delta):
+def level_record(samples, generated_delta, cpu_s: dict[str, float]):
     served = sum(s.output_tokens for s in samples)
     return {"generated": generated_delta, "served_tokens": served,
-            "wasted": None if generated_delta is None else max(0.0, generated_delta - served)}
+            "wasted": None if generated_delta is None else max(0.0, generated_delta - served),
+            "cpu_s": cpu_s, "cpu_us_per_token": per_token_us(cpu_s, served)}
 
 
 def run_target(target: str, args, capacity: dict) -> tuple[list[Sample], dict]:
-    samples, engine = [], {}
+    samples, engine, server_pid = [], {}, None
     if target == "bare":
         server = Bare(args)
+        server_pid = server.proc.pid
         url, model = f"http://127.0.0.1:{BARE_PORT}/v1/chat/completions", server.model
         metrics_url, interval = f"http://127.0.0.1:{BARE_PORT}/metrics", 1.0
     else:
@@ -261,10 +264,11 @@ def run_target(target: str, args, capacity: dict) -> tuple[list[Sample], dict]:
         def measure(workload, level, coroutine):
             before = settled_generated_tokens(metrics_url, interval)
             print(f"{target}: {workload} {level} ...", flush=True)
-            got = asyncio.run(coroutine)
+            with HopCpu(server_pid) as hop:
+                got = asyncio.run(coroutine)
             after = settled_generated_tokens(metrics_url, interval)
             delta = None if before is None or after is None else after - before
-            engine[f"{workload}|{level}"] = level_record(got, delta)
+            engine[f"{workload}|{level}"] = level_record(got, delta, hop.used)
             samples.extend(got)
             return got
 
@@ -282,9 +286,12 @@ def run_target(target: str, args, capacity: dict) -> tuple[list[Sample], dict]:
                                                        {"high": factor * cap}, args, seed=int(factor * 10)))
         if args.skip_flood:
             return samples, engine
-        measure("flood", "idle", open_loop(url, model, target, "flood", "idle", {"high": args.flood_high_rps}, args))
-        measure("flood", "flood", open_loop(url, model, target, "flood", "flood",
-                                            {"high": args.flood_high_rps, "low": args.flood_low_rps}, args))
+        if "idle" in args.flood_phases:
+            measure("flood", "idle", open_loop(url, model, target, "flood", "idle", {"high": args.flood_high_rps},
+                                               args))
+        if "flood" in args.flood_phases:
+            measure("flood", "flood", open_loop(url, model, target, "flood", "flood",
+                                                {"high": args.flood_high_rps, "low": args.flood_low_rps}, args))
     finally:
         if target == "bare":
             server.stop()
@@ -341,6 +348,7 @@ def summarise(samples: list[Sample], engine: dict, slo: dict) -> list[dict]:
                 "out_tok_s": sum(s.output_tokens for s in rs) / span,
                 "goodput_tok_s": sum(s.output_tokens for s in rs if meets(s, slo)) / span,
                 "generated": waste.get("generated"), "wasted": waste.get("wasted"),
+                "cpu_us_per_token": waste.get("cpu_us_per_token", {}),
             })
     return rows
 
@@ -351,9 +359,16 @@ def table(rows: list[dict]) -> str:
             "generated", "wasted"]
     fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) and abs(v) < 10 else
                                            f"{v:.0f}" if isinstance(v, float) else str(v))
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
+    lines = ["| " + " | ".join(cols) + " | CPU µs per output token |", "|" + "---|" * (len(cols) + 1)]
+    lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + f" | {hop_cpu_cell(r['cpu_us_per_token'])} |"
+              for r in rows]
     return "\n".join(lines)
+
+
+def hop_cpu_cell(us: dict[str, float]) -> str:
+    """'proxy 120 · ingress 300 · llm_replica 200 · engine_core 900' (the serving path's hops only)."""
+    from bench.hop_cpu import HOPS
+    return " · ".join(f"{hop} {us[hop]:.0f}" for hop in HOPS if hop in us) or "-"
 
 
 def ratios(rows: list[dict]) -> list[dict]:
@@ -440,6 +455,8 @@ def main() -> None:
     parser.add_argument("--low-words", type=int, default=2200)
     parser.add_argument("--low-tokens", type=int, default=32)
     parser.add_argument("--skip-flood", action="store_true", help="ramp and poisson only (a quicker check)")
+    parser.add_argument("--flood-phases", type=lambda s: s.split(","), default=["idle", "flood"],
+                        help="of idle, flood: the flood workload's phases to run (idle alone: no long prompts)")
     parser.add_argument("--client-timeout", type=float, default=300.0)
     parser.add_argument("--out", type=Path, default=Path("docs/bench/overload"))
     args = parser.parse_args()
