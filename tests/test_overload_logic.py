@@ -388,29 +388,3 @@ def test_the_scheduler_calls_the_window_full_when_a_running_classs_next_request_
     seen = asyncio.run(scenario())
     assert seen == {"idle": False, "low at its cap, window not full": False,
                     "3 of 4: all that medium and low may use": True}
-
-
-def test_each_cut_is_confirmed_afresh_once_the_batch_has_drained_to_it():
-    # The smoothed TPOT lags the batch: right after draining to a cut it still carries the bigger batch's
-    # steps. A second cut then needs two looks over of its own, as the first did (TCP: one cut per round trip).
-    window = AdaptiveWindow(WindowSettings(initial=10), SLO)
-    assert window.observe(busy(0.052, in_use=10)).move is WindowMove.HOLD  # just over, once: confirming
-    assert window.observe(busy(0.052, in_use=10)).move is WindowMove.SHRINK and window.per_replica == 8
-    assert window.observe(busy(0.052, in_use=10)).move is WindowMove.HOLD  # draining to the cut
-    assert window.observe(busy(0.052, in_use=8)).move is WindowMove.HOLD  # drained; the lagging figure: confirm
-    assert window.observe(busy(0.052, in_use=8)).move is WindowMove.SHRINK  # still over on a second look: cut
-
-
-def test_the_line_must_fit_one_more_by_more_than_its_own_scatter():
-    from deployments.router.window import line_noise
-
-    line = lambda b: 0.02 + 0.03 / 11.4 * b  # noqa: E731  reaches the 50 ms SLO at 11.4 per replica
-    clean, noisy = AdaptiveWindow(WindowSettings(initial=10), SLO), AdaptiveWindow(WindowSettings(initial=10), SLO)
-    for i, batch in enumerate(range(2, 11)):
-        clean.observe(busy(line(batch), in_use=batch, queued=0))
-        noisy.observe(busy(line(batch) + (0.003 if i % 2 else -0.003), in_use=batch, queued=0))
-    assert line_noise(clean.points) == pytest.approx(0.0, abs=1e-9)
-    assert line_noise(noisy.points) > 0.002
-    # Both at 10, TPOT at 93% of the SLO, requests waiting: the clean line vouches for 11, the scattered one not.
-    assert clean.observe(busy(line(10), in_use=10)).move is WindowMove.GROW and clean.per_replica == 11
-    assert noisy.observe(busy(line(10), in_use=10)).move is WindowMove.HOLD and noisy.per_replica == 10

@@ -103,17 +103,6 @@ def batch_at_slo(points, tpot_slo_s: float) -> float | None:
     return mean_b + (tpot_slo_s - mean_t) / slope
 
 
-def line_noise(points) -> float:
-    """How far, seconds, the measured TPOTs stray from their line: the residual standard error (0 with
-    fewer than four sizes or no line). A batch the line puts this close under the SLO is not known to fit."""
-    line = _line(points)
-    if line is None or len(points) < 4:
-        return 0.0
-    mean_b, mean_t, slope = line
-    squares = sum((t - (mean_t + slope * (b - mean_b))) ** 2 for b, t in points)
-    return (squares / (len(points) - 2)) ** 0.5
-
-
 def tpot_at(points, batch: float) -> float | None:
     """The TPOT, seconds, that the line through ``points`` predicts at ``batch`` per replica; None without
     a line."""
@@ -178,10 +167,6 @@ class AdaptiveWindow:
                 return WindowDecision(WindowMove.HOLD, self.limit,
                                       f"TPOT {sample.tpot_s * 1000:.0f} ms over the SLO while a long prompt is "
                                       f"prefilled; decode alone fits {at_slo:.1f} per replica")
-            if sample.in_use > self.per_replica * max(1, replicas):
-                # The last cut has not taken effect yet (requests drain as they finish); cutting
-                # again on the same evidence would overshoot, as TCP cuts once per round trip.
-                return WindowDecision(WindowMove.HOLD, self.limit, "TPOT over the SLO; draining to the last cut")
             self._over += 1
             if self._over < 2 and not sample.prefilling and sample.tpot_s * s.grow_below <= self._tpot_slo_s:
                 # Just over, once: a step that carried prefill chunks or a scheduling hiccup, not yet
@@ -194,10 +179,10 @@ class AdaptiveWindow:
                 return WindowDecision(WindowMove.HOLD, self.limit,
                                       f"TPOT {sample.tpot_s * 1000:.0f} ms just over the SLO once; confirming")
             self._slow_start = False
-            # The next cut needs its own confirmation: the smoothed TPOT still carries the steps of the
-            # batch just drained. Without this, the look right after draining cut again on that lag; on
-            # the CPU flood's idle phase each overshoot to 11 went 11 -> 9 -> 7 and chats queued 1-3 s.
-            self._over = 0
+            if sample.in_use > self.per_replica * max(1, replicas):
+                # The last cut has not taken effect yet (requests drain as they finish); cutting
+                # again on the same evidence would overshoot, as TCP cuts once per round trip.
+                return WindowDecision(WindowMove.HOLD, self.limit, "TPOT over the SLO; draining to the last cut")
             return self._move(WindowMove.SHRINK, self.limit * s.decrease,
                               f"TPOT {sample.tpot_s * 1000:.0f} ms > SLO {self._tpot_slo_s * 1000:.0f} ms")
         self._over = 0
@@ -214,14 +199,12 @@ class AdaptiveWindow:
             # 2 s its prefill took, and the window waited those 2 s at 241).
             return self._move(WindowMove.GROW, self.limit * s.slow_start_increase,
                               f"TPOT {sample.tpot_s * 1000:.0f} ms under the SLO while prompts are prefilled")
-        at_slo = batch_at_slo(self.points, self._tpot_slo_s - line_noise(self.points))
+        at_slo = batch_at_slo(self.points, self._tpot_slo_s)
         if sample.window_bound and at_slo is not None and (self.per_replica + 1) <= at_slo * self._share:
-            # Near the SLO but, by the TPOT-per-batch line measured so far, one more still fits it, by
-            # more than the line's own scatter: on a noisy 2-core machine the line put the SLO at 11.4
-            # while 11 ran over it, and each step up to 11 ended in a cut.
+            # Near the SLO but, by the TPOT-per-batch line measured so far, one more still fits it.
             return self._move(WindowMove.GROW, self.limit + 1,
-                              f"TPOT {sample.tpot_s * 1000:.0f} ms; the measured line, less its scatter, puts "
-                              f"the SLO at {at_slo:.1f} per replica")
+                              f"TPOT {sample.tpot_s * 1000:.0f} ms; the measured line puts the SLO at "
+                              f"{at_slo:.1f} per replica")
         return WindowDecision(WindowMove.HOLD, self.limit,
                               "no request waits for the window" if not sample.window_bound else "TPOT near the SLO")
 
