@@ -193,16 +193,18 @@ class PriorityScheduler:
 
     def window_bound(self) -> bool:
         """Does some waiter wait only because the window is full (not for its class cap or a yield)?"""
-        # The tenants' reserve is kept free on purpose: the window counts as in use up to it.
-        return any(self._queues[c] and
-                   self._shared_in_flight() >= limit_for(c, self._window, self._settings, self._replicas)
-                   for c in PriorityClass)
+        return self._window_used_up_by(lambda c: self._queues[c])
 
     def window_full(self) -> bool:
         """Has a class that runs used all the window it may (less the high reserve), so that its next
         request would wait? (Its class cap aside: the window would not help that one.)"""
-        return any(self._running[c] and
-                   self._shared_in_flight() >= limit_for(c, self._window, self._settings, self._replicas)
+        return self._window_used_up_by(lambda c: self._running[c])
+
+    def _window_used_up_by(self, has_requests) -> bool:
+        """Has some class with ``has_requests(class)`` used all the window it may use?"""
+        # The tenants' reserve is kept free on purpose: the window counts as in use up to it.
+        in_flight = self._shared_in_flight()
+        return any(has_requests(c) and in_flight >= limit_for(c, self._window, self._settings, self._replicas)
                    for c in PriorityClass)
 
     def slots_for(self, cls: PriorityClass, window: int | None = None) -> int:
