@@ -57,6 +57,11 @@ def test_int64_edges_and_text_format_still_parse():
     ("/v1/completions", {"model": "m", "prompt": "", "max_tokens": 3}, "prompt"),
     ("/v1/completions", {"model": "m"}, "prompt"),
     ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_schema"}}, "response_format"),
+    # pydantic's lax mode read these as 1, true and 0.5 (a fresh-eye trial); OpenAI's API refuses them.
+    ("/v1/chat/completions", {**CHAT, "max_tokens": True}, "max_tokens"),
+    ("/v1/chat/completions", {**CHAT, "stream": "yes"}, "stream"),
+    ("/v1/completions", {"model": "m", "prompt": "Hi", "temperature": "0.5"}, "temperature"),
+    ("/v1/completions", {"model": "m", "prompt": "Hi", "echo": 1}, "echo"),
 ])
 def test_vllms_own_checks_are_a_400_in_openais_format_naming_the_field(path, body, param):
     # Found by a fresh-eye trial: vLLM's VLLMValidationError is not a ValueError, so it passed pydantic by;
@@ -82,3 +87,18 @@ def test_vllms_own_checks_are_a_400_in_openais_format_naming_the_field(path, bod
     assert response.status_code == 400 and error["type"] == "invalid_request_error" and error["param"] == param
     assert error["message"].startswith(f"Invalid value for '{param}': ") and "vllm" not in error["message"]
     assert "(parameter=" not in error["message"] and error["message"].count(". ") <= 1
+
+
+@pytest.mark.parametrize(("field", "value", "fits"), [
+    ("max_tokens", 2, True), ("max_tokens", 2.0, True), ("max_tokens", 2.5, False), ("max_tokens", True, False),
+    ("temperature", 1, True), ("temperature", 0.5, True), ("temperature", "0.5", False),
+    ("stream", True, True), ("stream", 1, False), ("stream", "true", False),
+    ("logprobs", False, True), ("n", None, True), ("seed", False, False),
+])
+def test_booleans_numbers_and_strings_are_not_taken_for_each_other(field, value, fits):
+    body = {**CHAT, field: value}
+    if fits:
+        ChatCompletionRequest.model_validate(body)
+    else:
+        with pytest.raises(ValidationError, match="expected (a boolean|a number|an integer), got"):
+            ChatCompletionRequest.model_validate(body)

@@ -16,6 +16,9 @@
   ``allowed_token_ids`` with a structured output (the grammar and the allowed
   set can exclude every token: the engine terminates the request with an
   internal error); ``truncate_prompt_tokens: 0`` (an empty prompt).
+- Booleans, numbers and strings taken for each other: pydantic's lax mode reads ``"max_tokens": true``
+  as 1, ``"stream": "yes"`` as true and ``"temperature": "0.5"`` as 0.5, where OpenAI's API refuses
+  them. For every field declared as booleans and/or numbers, another JSON type is a 400 naming it.
 - vLLM's own checks across fields raise its ``VLLMClientError`` (``VLLMValidationError``: an empty
   ``prompt``, ``response_format`` json_schema without a schema), which is not a ValueError: pydantic let
   it through, Ray's middleware logged a 60-line traceback and answered type ``VLLMValidationError`` with
@@ -25,6 +28,9 @@
 
 from __future__ import annotations
 
+import json
+import types
+import typing
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError, field_validator, model_validator
@@ -85,6 +91,44 @@ def check_raw_fields(data: Any) -> None:
                 raise ValueError(f"'{name}' holds an integer outside the 64-bit range")
 
 
+_SCALARS = (bool, int, float)
+
+
+def _scalar_members(annotation: Any) -> set[type] | None:
+    """The types of a field declared as booleans and/or numbers (optionally nullable); None for any other."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _scalar_members(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+    else:
+        members = [annotation]
+    return set(members) if members and all(m in _SCALARS for m in members) else None
+
+
+def check_scalar_types(model: type, data: Any) -> None:
+    """Refuse (FieldError: a 400 naming the field) a boolean, number or string where OpenAI's API takes
+    another of them: pydantic's lax mode would read ``"max_tokens": true`` as 1, ``"stream": "yes"`` as
+    true and ``"temperature": "0.5"`` as 0.5, answering a request OpenAI refuses."""
+    if not isinstance(data, dict):
+        return
+    for name, value in data.items():
+        field = model.model_fields.get(name)
+        kinds = _scalar_members(field.annotation) if field is not None else None
+        if kinds is None or value is None:
+            continue
+        if isinstance(value, bool):
+            fits = bool in kinds
+        elif isinstance(value, (int, float)):
+            fits = bool(kinds & {int, float}) and (isinstance(value, int) or float in kinds or value.is_integer())
+        else:
+            fits = False
+        if not fits:
+            wanted = " or ".join(sorted({"a boolean" if k is bool else "a number" if float in kinds else "an integer"
+                                         for k in kinds}))
+            raise FieldError(f"expected {wanted}, got {json.dumps(value)[:40]}", name)
+
+
 def check_parsed(request) -> None:
     """Refuse combinations vLLM accepts but fails on inside the engine."""
     if request.truncate_prompt_tokens == 0:
@@ -98,6 +142,7 @@ def check_parsed(request) -> None:
 
 def validate_naming_the_field(model: type, data: Any, handler) -> Any:
     check_raw_fields(data)
+    check_scalar_types(model, data)
     try:
         request = handler(data)
     except RAW_VALIDATOR_FAILURES:
