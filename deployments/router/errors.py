@@ -75,8 +75,7 @@ async def _http_exception_to_openai(request: Request, exc: HTTPException) -> JSO
 async def _validation_error_to_openai(request: Request, exc: RequestValidationError) -> JSONResponse:
     # Ray's handler puts the offending *input* (a dict, or raw bytes it then
     # cannot serialise) in `param`; OpenAI's param is the field's path.
-    errors = exc.errors()
-    first = errors[0] if errors else {}
+    first = _most_telling(exc.errors())
     param = param_path(first.get("loc", ()))
     refused = (first.get("ctx") or {}).get("error")
     if isinstance(refused, FieldError):  # vLLM's own check across fields, naming the field
@@ -94,6 +93,22 @@ async def _validation_error_to_openai(request: Request, exc: RequestValidationEr
         message = f"Invalid value for '{param}': {first.get('msg', 'invalid')}"
     metrics.refused_at_door(400, "schema")
     return openai_error(400, message, param=param)
+
+
+def _most_telling(errors: list[dict]) -> dict:
+    """The error to report: the first, unless the same field has one that is not a type mismatch.
+
+    A field declared as a union (``stop``: a string or a list of at most 4) gets an error per member;
+    for a list of 500 the first says "Input should be a valid string", the one that tells is the list's
+    "at most 4 items"."""
+    if not errors:
+        return {}
+    first = errors[0]
+    field = param_path(first.get("loc", ()))
+    for error in errors:
+        if param_path(error.get("loc", ())) == field and not str(error.get("type", "")).endswith("_type"):
+            return error
+    return first
 
 
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict", "list", "tuple", "set", "bytes"})
