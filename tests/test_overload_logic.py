@@ -388,3 +388,33 @@ def test_the_scheduler_calls_the_window_full_when_a_running_classs_next_request_
     seen = asyncio.run(scenario())
     assert seen == {"idle": False, "low at its cap, window not full": False,
                     "3 of 4: all that medium and low may use": True}
+
+
+def test_a_light_tenants_waiter_is_judged_at_its_fair_turn_not_behind_the_heavy_backlog():
+    # bench/fairness.py: beside a heavy tenant's backlog, 5 of the light tenant's 15 requests were refused
+    # "the high queue moves slower than predicted" though fair sharing would have started them next: the
+    # queue was judged in the order of the tenants' counters, the light one (served a little more) last.
+    import asyncio
+    import time
+
+    from deployments.router.scheduler import PriorityScheduler, Shed
+
+    async def scenario():
+        sched = PriorityScheduler(QueueSettings(window={"initial": 1, "min": 1}, reserved_for_high=0))
+        sched.set_sharing(True)
+        await sched.acquire(P.HIGH, 1, tenant="light", cost=100.0)  # runs; it has been served more than heavy
+        heavy = [asyncio.create_task(sched.acquire(P.HIGH, 20, tenant="heavy", cost=10.0)) for _ in range(30)]
+        await asyncio.sleep(0)
+        light = asyncio.create_task(sched.acquire(P.HIGH, 20, tenant="light", cost=10.0))
+        await asyncio.sleep(0)
+        # each start takes 1 s: a waiter with n ahead starts in n + 1 s; the start deadline is 20 s
+        shed = sched.shed_hopeless(lambda cls, ahead, max_tokens: 1.0 * (ahead + 1), time.monotonic())
+        outcomes = await asyncio.gather(*heavy[-shed:], return_exceptions=True)
+        assert not light.done()  # its turn comes after one of heavy's: 2 s, not 31 s
+        assert 8 <= shed <= 12 and all(isinstance(o, Shed) for o in outcomes)  # heavy's newest, beyond ~20 s
+        assert sched.depths()["high"] == 31 - shed
+        for task in [light, *heavy]:
+            task.cancel()
+        await asyncio.gather(light, *heavy, return_exceptions=True)
+
+    asyncio.run(scenario())

@@ -318,18 +318,19 @@ class PriorityScheduler:
         window stopped growing, a burst came in front), a queued request learns it now, with no engine
         work spent, instead of expiring into a 504. Returns how many were shed.
         """
-        shed, ahead = 0, 0
+        shed, in_classes_before = 0, 0
         for cls in PriorityClass:
-            queue = self._queues[cls]
-            for waiter in list(queue):
+            queue, shed_here = self._queues[cls], 0
+            for waiter, in_class in queue.positions():  # in turn order: tenants' turns under fair sharing
+                ahead = in_classes_before + max(0, in_class - shed_here)  # those shed no longer come first
                 wait = predicted_wait(cls, ahead, waiter.max_tokens)
                 if wait is not None and now + wait > waiter.deadline:
                     queue.remove(waiter)
                     waiter.future.set_exception(Shed(cls, f"the {cls.label} queue moves slower than predicted; "
                                                           "this request could no longer start by its start deadline"))
-                    shed += 1
-                else:
-                    ahead += 1
+                    shed_here += 1
+            in_classes_before += len(queue)
+            shed += shed_here
         return shed
 
     def _next_startable(self, cls: PriorityClass, queue: FairQueue) -> _Waiter | None:

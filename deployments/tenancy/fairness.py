@@ -89,7 +89,7 @@ class FairQueue(Generic[W]):
 
     def __iter__(self) -> Iterator[W]:
         """Waiters in the order they would start (if nothing else arrived or finished)."""
-        return iter(sorted((w for q in self._by_tenant.values() for w in q), key=self._rank_waiter))
+        return iter(sorted(self._waiters(), key=self._rank_waiter))
 
     def ahead_of(self, tenant: str) -> int:
         """About how many waiters start before a new one of ``tenant``: all of them in arrival order; under
@@ -97,8 +97,24 @@ class FairQueue(Generic[W]):
         VTC gives them meanwhile), so a light tenant's wait is not forecast as the heavy one's backlog."""
         if not self.fair:
             return self._size
-        own = len(self._by_tenant.get(tenant, ()))
-        return own + sum(min(len(q), own + 1) for t, q in self._by_tenant.items() if t != tenant)
+        return self._turns_before(tenant, len(self._by_tenant.get(tenant, ())))
+
+    def positions(self) -> list[tuple[W, int]]:
+        """Each waiter with about how many of this queue start before it, soonest first: arrival order, or
+        under fair sharing as ``ahead_of`` counts for it (its tenant's earlier waiters and, from each other
+        tenant, at most one more). Sorting by the counters alone would put every waiter of the less served
+        tenant first, however long its backlog: the light tenant's one request then looked hopeless behind
+        the heavy one's whole queue, and was refused though its turn was next (bench/fairness.py)."""
+        if not self.fair:
+            return [(w, i) for i, w in enumerate(sorted(self._waiters(), key=lambda w: w.enqueued_at))]
+        placed = [(w, self._turns_before(tenant, k)) for tenant, q in self._by_tenant.items() for k, w in enumerate(q)]
+        return sorted(placed, key=lambda p: (p[1], self._rank_waiter(p[0])))
+
+    def _turns_before(self, tenant: str, own_before: int) -> int:
+        return own_before + sum(min(len(q), own_before + 1) for t, q in self._by_tenant.items() if t != tenant)
+
+    def _waiters(self) -> Iterator[W]:
+        return (w for q in self._by_tenant.values() for w in q)
 
     def append(self, waiter: W) -> None:
         queue = self._by_tenant.get(waiter.tenant)
