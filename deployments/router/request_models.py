@@ -52,12 +52,12 @@ class FieldError(ValueError):
     pydantic turns it into a validation error that keeps this exception, so errors.py can name the field."""
 
     def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
+        super().__init__(f"'{param}': {message}" if param else message)  # pydantic's text names the field
         self.message, self.param = message, param
 
 
-def first_bad_field(model: type, data: Any) -> str:
-    """A message naming the first field of ``data`` whose value does not fit ``model``'s declared type."""
+def first_bad_field(model: type, data: Any) -> FieldError:
+    """The error naming the first field of ``data`` whose value does not fit ``model``'s declared type."""
     if isinstance(data, dict):
         for name, value in data.items():
             field = model.model_fields.get(name)
@@ -66,8 +66,8 @@ def first_bad_field(model: type, data: Any) -> str:
             try:
                 TypeAdapter(field.annotation).validate_python(value)
             except ValidationError as invalid:
-                return f"'{name}' is invalid: {invalid.errors()[0]['msg']}"
-    return "the request body does not match the request schema"
+                return FieldError(invalid.errors()[0]["msg"], name)
+    return FieldError("the request body does not match the request schema")
 
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -147,7 +147,7 @@ def validate_naming_the_field(model: type, data: Any, handler) -> Any:
         request = handler(data)
     except RAW_VALIDATOR_FAILURES:
         # pydantic turns a ValueError into a validation error: a 400 in OpenAI's format.
-        raise ValueError(first_bad_field(model, data)) from None
+        raise first_bad_field(model, data) from None
     except CLIENT_ERRORS as refused:
         parameter = getattr(refused, "parameter", None)
         message = refused.args[0] if refused.args else str(refused)
