@@ -90,6 +90,17 @@ class With:
         self.value, self.others = value, others
 
 
+class PerPath:
+    """A companion value that differs by endpoint: ``logprobs`` is a boolean in chat and a count in
+    completions (OpenAI's API; the router refuses the other type, as OpenAI does)."""
+
+    def __init__(self, chat, completions):
+        self.values = {CHAT: chat, COMPLETIONS: completions}
+
+
+LOGPROBS_ON = PerPath(chat=True, completions=1)
+
+
 # Lets a request with a large or unset max_tokens end after one token: the only
 # token it may produce is end-of-sequence.
 ONE_TOKEN = {"allowed_token_ids": [EOS]}
@@ -162,8 +173,8 @@ EDGES: dict[str, list] = {
     "logprobs": [True, False, 0, 1, 5, 20, 21, -1, 2**63, 1.5, "x", None, [], {}],
     "top_logprobs": [With(v, logprobs=True) for v in (0, 1, 20, 21, -1, -2, 2**63, 1.5, None, "x")] + [5],
     "prompt_logprobs": [0, 1, 20, 21, -1, -2, 2**63, 1.5, None, "x", [], With(1, stream=True)],
-    "logprob_token_ids": [With(v, logprobs=True) for v in TOKENS] + [[1]],
-    "return_tokens_as_token_ids": BOOL + [With(True, logprobs=True)],
+    "logprob_token_ids": [With(v, logprobs=LOGPROBS_ON) for v in TOKENS] + [[1]],
+    "return_tokens_as_token_ids": BOOL + [With(True, logprobs=LOGPROBS_ON)],
     "return_token_ids": BOOL,
     "return_token_offsets": BOOL,
     "return_prompt_text": BOOL,
@@ -298,7 +309,7 @@ def request_fields(path: str) -> set[str]:
 def body_for(path: str, model_id: str, field: str, value) -> dict:
     body = {"model": model_id, **BASE[path]}
     if isinstance(value, With):
-        body.update(value.others)
+        body.update({k: v.values[path] if isinstance(v, PerPath) else v for k, v in value.others.items()})
         value = value.value
     if field == "max_completion_tokens":
         body.pop("max_tokens")  # else max_tokens would stand in for a max_completion_tokens of 0
