@@ -7,8 +7,9 @@ hides where that cost sits; this reads it per process, by process title, with
 psutil (user + system, all threads):
 
 - Ray: ``ray::ProxyActor`` (proxy), ``ray::ServeReplica:APP:DEPLOYMENT`` (the LLM
-  replica when the deployment's name has ``LLMServer``, else the ingress/router;
-  several router replicas are summed), ``VLLM::EngineCore`` (the engine's
+  replica when the deployment's name has ``LLMServer``, the ingress when it is our
+  ``Router`` or the stock ``OpenAiIngress``, several router replicas summed; any
+  other deployment, such as the tenants' ledger, is ``other_replica``), ``VLLM::EngineCore`` (the engine's
   scheduler) and ``VLLM::Worker*`` (its model runner, when in a process of its own);
 - bare vLLM: the API server's pid (given) and its EngineCore.
 
@@ -39,7 +40,10 @@ def role_of(cmdline: str, server_pid: int | None, pid: int) -> str | None:
     if "ServeController" in cmdline:
         return "controller"
     if "ServeReplica" in cmdline:
-        return "llm_replica" if "LLMServer" in cmdline else "ingress"
+        if "LLMServer" in cmdline:
+            return "llm_replica"
+        # the router (ours) or OpenAiIngress (stock); other deployments (the tenants' ledger) are no hop
+        return "ingress" if ("Router" in cmdline or "Ingress" in cmdline) else "other_replica"
     head = cmdline.split(" ")[0]
     if head.endswith("/raylet"):
         return "raylet"

@@ -16,6 +16,7 @@ def test_process_titles_map_to_hops():
     assert role_of("ray::ServeReplica:bench:OpenAiIngress", None, 11) == "ingress"
     assert role_of("ray::ServeReplica:llm:LLMServer:SmolLM2", None, 12) == "llm_replica"
     assert role_of("ray::ServeReplica:llm:ObservedLLMServer", None, 12) == "llm_replica"
+    assert role_of("ray::ServeReplica:llm:TenantLedger", None, 12) == "other_replica"  # not a hop of a request
     assert role_of("VLLM::EngineCore", None, 13) == "engine_core"
     assert role_of("VLLM::Worker_TP0", None, 14) == "engine_worker"
     assert role_of("/usr/bin/python -m vllm.entrypoints.openai.api_server", 15, 15) == "api_server"
