@@ -28,6 +28,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import types
 import typing
@@ -106,6 +107,13 @@ def _scalar_members(annotation: Any) -> set[type] | None:
     return set(members) if members and all(m in _SCALARS for m in members) else None
 
 
+@functools.cache
+def _scalar_kinds(model: type, name: str) -> frozenset[type] | None:
+    """``_scalar_members`` of ``model``'s field ``name``, worked out once per declared field."""
+    kinds = _scalar_members(model.model_fields[name].annotation)
+    return frozenset(kinds) if kinds is not None else None
+
+
 def check_scalar_types(model: type, data: Any) -> None:
     """Refuse (FieldError: a 400 naming the field) a boolean, number or string where OpenAI's API takes
     another of them: pydantic's lax mode would read ``"max_tokens": true`` as 1, ``"stream": "yes"`` as
@@ -113,8 +121,9 @@ def check_scalar_types(model: type, data: Any) -> None:
     if not isinstance(data, dict):
         return
     for name, value in data.items():
-        field = model.model_fields.get(name)
-        kinds = _scalar_members(field.annotation) if field is not None else None
+        if name not in model.model_fields:  # unknown keys are vLLM's to ignore, and never cached here
+            continue
+        kinds = _scalar_kinds(model, name)
         if kinds is None or value is None:
             continue
         if isinstance(value, bool):
