@@ -88,7 +88,8 @@ class FairQueue(Generic[W]):
         return waiter in self._by_tenant.get(waiter.tenant, ())
 
     def __iter__(self) -> Iterator[W]:
-        """Waiters in the order they would start (if nothing else arrived or finished)."""
+        """Waiters by their tenant's counter, then age: not the order VTC starts them in (that interleaves
+        tenants as counters are charged); ``positions()`` gives that."""
         return iter(sorted(self._waiters(), key=self._rank_waiter))
 
     def ahead_of(self, tenant: str) -> int:
