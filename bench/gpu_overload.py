@@ -298,7 +298,7 @@ async def prom_generated(c) -> dict:
     except Exception as e:  # noqa: BLE001
         return {"err": repr(e)[:200]}
     lines = [ln for ln in text.splitlines()
-             if re.match(r"^(ray_)?vllm[_:]generation_tokens(_total)?[{ ]", ln)]
+             if re.match(r"^(ray_)?(vllm[_:]|llm_engine_)generation_tokens(_total)?[{ ]", ln)]
     total = 0.0
     for ln in lines:
         try:

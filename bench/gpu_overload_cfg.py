@@ -47,10 +47,11 @@ def derive_serve_config(serve_config: Path, model_dir: str, profile: str = PROFI
 
 
 def stock_llm_config(cfg: dict, profile: str = PROFILE) -> dict:
-    """The same profile's LLMConfig for the stock app, ``scheduling_policy`` dropped (stock sends no priority),
-    as bench/priority_flood.py does."""
+    """The same profile's LLMConfig for the stock app, ``scheduling_policy`` dropped (stock sends no priority)
+    and ``log_engine_metrics`` left at Ray's default, as bench/priority_flood.py does."""
     lc = copy.deepcopy(cfg["applications"][0]["args"]["profiles"][profile]["llm_config"])
     lc["engine_kwargs"].pop("scheduling_policy", None)
+    lc.pop("log_engine_metrics", None)  # stock as Ray ships it: vLLM's Ray stat logger on
     return lc
 
 

@@ -23,8 +23,9 @@ Per target, workload, level and class it reports completed, 429 (and how fast
 they came back), 503, 504, other failures, TTFT and TPOT p50/p99, goodput
 (output tokens of requests that met their class's SLO, the SLO of the profile's
 router settings) and **wasted engine tokens**: what the engine generated
-(vLLM's own `generation_tokens` counter, read from Ray's metrics export or the
-bare server's /metrics) less the completion tokens of the requests that were
+(the engine's own count of generated tokens: our LLM replica's
+`llm_engine_generation_tokens`, or vLLM's `generation_tokens` counter for the stock app and the
+bare server, read from Ray's metrics export or the bare server's /metrics) less the completion tokens of the requests that were
 served. Writes a table (markdown), a JSON of every request and plots.
 
 The client is our own (httpx, asyncio): neither guidellm nor vLLM's benchmark
@@ -170,9 +171,12 @@ async def open_loop(url, model, target, workload, level, rates: dict[str, float]
         return list(await asyncio.gather(*tasks))
 
 
-# --- vLLM's own count of generated tokens ------------------------------------------------
+# --- the engine's own count of generated tokens -------------------------------------------
+# vLLM's counter (bare server; stock app through Ray) or our replica's export of the same count
+# (deployments/observability/metrics.py ENGINE_GENERATION_TOKENS; our profiles turn vLLM's off).
 
-_GENERATED = re.compile(r"^(?:ray_)?vllm[:_]generation_tokens(?:_total)?(?:\{[^}]*\})?\s+([0-9.e+]+)$", re.M)
+_GENERATED = re.compile(
+    r"^(?:ray_)?(?:vllm[:_]|llm_engine_)generation_tokens(?:_total)?(?:\{[^}]*\})?\s+([0-9.e+]+)$", re.M)
 
 
 def generated_tokens(metrics_url: str) -> float | None:

@@ -204,6 +204,8 @@ def deploy(target: str, profile_name: str):
         # The stock app: same model, engine and replica resources, first-come-first-served.
         llm_config = AppArgs.model_validate(args).primary.to_llm_config()
         llm_config.engine_kwargs.pop("scheduling_policy", None)
+        # Stock as Ray ships it: vLLM's Ray stat logger on (our profiles turn it off and export their own).
+        llm_config.log_engine_metrics = True
         app = build_openai_app({"llm_configs": [llm_config],
                                 "ingress_deployment_config": {"ray_actor_options": {"num_cpus": 0.5}}})
     serve.run(app, name="bench", route_prefix="/", blocking=False)

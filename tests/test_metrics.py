@@ -7,6 +7,8 @@ from pathlib import Path
 
 from deployments.observability import metrics
 from deployments.router.dispatch import RequestLife, _usage_tokens
+from deployments.server.engine_load import EngineSamples
+from deployments.server.load_report import ReplicaLoad
 
 ROUTER = Path(__file__).resolve().parents[1] / "deployments" / "router"
 
@@ -49,6 +51,35 @@ def test_recording_never_raises(monkeypatch):
                        replicas=1)
     metrics.autoscaling_decision("d", "main", current=1, target=2, signal="queue")
     metrics.gpu_group("main", "r", utilization=0.5, memory_used_bytes=1, memory_total_bytes=2)
+    metrics.engine_series("main", "r", ReplicaLoad(running=1), EngineSamples(prompt_tokens=3))
+
+
+class _Recorder:
+    def __init__(self, name, calls):
+        self.name, self.calls = name, calls
+
+    def __getattr__(self, method):  # set / inc / observe
+        return lambda value, tags: self.calls.append((self.name, method, value, tags["pool"], tags["replica"]))
+
+
+def test_an_engine_export_records_one_call_per_step_and_request_not_per_token(monkeypatch):
+    calls = []
+    monkeypatch.setattr(metrics, "_metric", lambda name: _Recorder(name, calls))
+    samples = EngineSamples(prompt_tokens=40, generation_tokens=512, prefix_cache_queries=40, prefix_cache_hits=0)
+    samples.ttft_s.extend([0.1, 0.2])
+    samples.step_itl_s.extend([0.02, 0.03, 0.025])
+    metrics.engine_series("main", "r1", ReplicaLoad(running=256, waiting=3, kv_cache_usage=0.5), samples)
+
+    by_name = {}
+    for name, method, value, pool, replica in calls:
+        assert (pool, replica) == ("main", "r1")
+        by_name.setdefault(name, []).append((method, value))
+    assert by_name[metrics.ENGINE_RUNNING] == [("set", 256)]
+    assert by_name[metrics.ENGINE_KV_CACHE_USAGE] == [("set", 0.5)]
+    assert by_name[metrics.ENGINE_GENERATION_TOKENS] == [("inc", 512)]
+    assert metrics.ENGINE_PREFIX_CACHE_HITS not in by_name  # Ray's counters refuse 0: nothing recorded
+    assert [v for _, v in by_name[metrics.ENGINE_TTFT]] == [0.1, 0.2]
+    assert len(by_name[metrics.ENGINE_STEP_ITL]) == 3  # 512 tokens, 3 steps: 3 observations
 
 
 def test_usage_tokens_from_a_body_or_a_stream_event():

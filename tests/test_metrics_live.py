@@ -129,13 +129,23 @@ QUERIES = {
     "ttft": f"{R}ttft_seconds_count{{{MAIN_HIGH}}}",
     "tpot": f"{R}time_per_output_token_seconds_count{{{MAIN_HIGH}}}",
     "e2e": f"{R}request_seconds_count{{{MAIN_HIGH}}}",
-    "vllm_prompt_tokens": "ray_vllm_prompt_tokens_total",
+    # The LLM replica's own export of its engine (log_engine_metrics is off in every profile).
+    "engine_prompt_tokens": metrics.exported(metrics.ENGINE_PROMPT_TOKENS) + '{pool="main"}',
+    "engine_generation_tokens": metrics.exported(metrics.ENGINE_GENERATION_TOKENS) + '{pool="main"}',
+    "engine_ttft": metrics.exported(metrics.ENGINE_TTFT) + '_count{pool="main"}',
+    "engine_step_itl": metrics.exported(metrics.ENGINE_STEP_ITL) + '_count{pool="main"}',
 }
 
 
 def test_prometheus_sees_what_the_traffic_caused(prometheus, base_url, model_id, client: openai.OpenAI):
     report_s, scrape_s = _report_interval_s(), _scrape_interval_s()
     settle_s = 2 * report_s + 2 * scrape_s + 10  # a value recorded now is exported, then scraped, by then
+
+    # The same long prompt twice: the second finds its prefix in the engine's cache (a hit the dashboard's
+    # prefix-cache panel shows). Sent before the baseline, so the per-class counts below are unaffected.
+    shared = [{"role": "user", "content": "Count the colours in this list. " + "red green blue " * 100}]
+    for _ in range(2):
+        client.chat.completions.create(model=model_id, messages=shared, max_tokens=1)
 
     # Baseline: earlier tests' requests were all recorded before now; wait for a scrape that
     # follows their export (one report interval), then read every counter.
@@ -214,8 +224,12 @@ def test_prometheus_sees_what_the_traffic_caused(prometheus, base_url, model_id,
             wrong["goodput_tokens"] = (delta["goodput_tokens"], f"0..{delta['output_tokens']}")
         if not 0 <= delta["within_slo"] <= seen["served"]:
             wrong["within_slo"] = (delta["within_slo"], f"0..{seen['served']}")
-        if delta["vllm_prompt_tokens"] < prompt_tokens:  # vLLM's own metrics stay on (and count the probes too)
-            wrong["vllm_prompt_tokens"] = (delta["vllm_prompt_tokens"], f">= {prompt_tokens}")
+        # The engine's own counts: everything the router sent, and more (the router's probes, a stream
+        # generating on past the point its client left).
+        for name, at_least in (("engine_prompt_tokens", prompt_tokens), ("engine_generation_tokens", output_tokens),
+                               ("engine_ttft", seen["served"] + seen["gone"]), ("engine_step_itl", 1)):
+            if delta[name] < at_least:
+                wrong[name] = (delta[name], f">= {at_least}")
         return not wrong or wrong
 
     prometheus.wait(matches, settle_s + 10, "the counters' deltas matching the traffic")
@@ -233,6 +247,11 @@ def test_prometheus_sees_what_the_traffic_caused(prometheus, base_url, model_id,
             ('ray_llm_autoscaling_target_replicas{pool="main"}', lambda v: v >= 1),
             ('ray_llm_autoscaling_current_replicas{pool="main"}', lambda v: v >= 1),
             ('ray_llm_autoscaling_signal{pool="main"}', lambda v: v == 1),  # one-hot
+            # The LLM replica's engine gauges (exported every ENGINE_EXPORT_S, whatever the load).
+            (metrics.exported(metrics.ENGINE_RUNNING) + '{pool="main"}', lambda v: v >= 0),
+            (metrics.exported(metrics.ENGINE_WAITING) + '{pool="main"}', lambda v: v >= 0),
+            (metrics.exported(metrics.ENGINE_KV_CACHE_USAGE) + '{pool="main"}', lambda v: 0 <= v <= 1),
+            (metrics.exported(metrics.ENGINE_PREFIX_CACHE_HITS) + '{pool="main"}', lambda v: v > 0),
         ):
             found = prometheus.query(f"sum({expr})")
             if not found or not ok(found[0][1]):

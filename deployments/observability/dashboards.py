@@ -1,7 +1,7 @@
 """Grafana dashboards as code: ``python -m deployments.observability.dashboards`` writes them.
 
 One dashboard, ``dashboards/llm-serving.json``, with a row each for the router's classes, the pools
-and their replicas, the engines (vLLM's own metrics, as ray.serve.llm exports them), the GPUs and the
+and their replicas, the engines (vLLM's figures, as each LLM replica exports them: ``metrics.engine_series``), the GPUs and the
 autoscaler; and the same JSON in a ConfigMap for Grafana's dashboard sidecar,
 ``k8s/dashboards-configmap.yaml``. Both are committed; tests/test_dashboards.py checks that they are
 what this file generates, and tests/test_metrics_live.py that every expression names only metrics a
@@ -124,25 +124,25 @@ def dashboard() -> dict:
     d.panel("Unhealthy replicas", [
         ("sum by (deployment) (1 - ray_serve_deployment_replica_healthy)", "{{deployment}}")], "short")
 
-    d.row("Engines (vLLM)")
+    d.row("Engines (vLLM, as each LLM replica exports it)")
     d.panel("Running and waiting requests", [
-        ("sum by (ReplicaId) (ray_vllm_num_requests_running)", "running {{ReplicaId}}"),
-        ("sum by (ReplicaId) (ray_vllm_num_requests_waiting)", "waiting {{ReplicaId}}")], "short")
-    d.panel("KV-cache usage", [("max by (ReplicaId) (ray_vllm_kv_cache_usage_perc)", "{{ReplicaId}}")],
-            "percentunit")
-    d.panel("Engine TTFT", [
-        ("histogram_quantile(0.5, sum by (le) (rate(ray_vllm_time_to_first_token_seconds_bucket[$__rate_interval])))",
-         "p50"),
-        ("histogram_quantile(0.99, sum by (le) (rate(ray_vllm_time_to_first_token_seconds_bucket[$__rate_interval])))",
-         "p99")], "s")
+        (f"sum by (pool, replica) ({_q(m.ENGINE_RUNNING)}{{{POOL}}})", "running {{pool}} {{replica}}"),
+        (f"sum by (pool, replica) ({_q(m.ENGINE_WAITING)}{{{POOL}}})", "waiting {{pool}} {{replica}}")], "short")
+    d.panel("KV-cache usage", [(f"max by (pool, replica) ({_q(m.ENGINE_KV_CACHE_USAGE)}{{{POOL}}})",
+                                "{{pool}} {{replica}}")], "percentunit")
+    d.panel("Engine TTFT", [(_quantile(q, m.ENGINE_TTFT, "pool", POOL), f"p{round(q * 100)} {{{{pool}}}}")
+                            for q in (0.5, 0.99)], "s", "From a request's arrival at the engine to its first token.")
     d.panel("Engine inter-token latency", [
-        ("histogram_quantile(0.5, sum by (le) (rate(ray_vllm_inter_token_latency_seconds_bucket[$__rate_interval])))",
-         "p50"),
-        ("histogram_quantile(0.99, sum by (le) (rate(ray_vllm_inter_token_latency_seconds_bucket[$__rate_interval])))",
-         "p99")], "s")
+        (_quantile(q, m.ENGINE_STEP_ITL, "pool", POOL), f"p{round(q * 100)} {{{{pool}}}}") for q in (0.5, 0.99)],
+        "s", "One value per decoding step (its mean over the streams in it), so quantiles weigh steps, not tokens.")
     d.panel("Engine tokens", [
-        ("sum(rate(ray_vllm_prompt_tokens_total[$__rate_interval]))", "prompt"),
-        ("sum(rate(ray_vllm_generation_tokens_total[$__rate_interval]))", "generated")], "short")
+        (f"sum by (pool) (rate({_q(m.ENGINE_PROMPT_TOKENS)}{{{POOL}}}[$__rate_interval]))", "prompt {{pool}}"),
+        (f"sum by (pool) (rate({_q(m.ENGINE_GENERATION_TOKENS)}{{{POOL}}}[$__rate_interval]))",
+         "generated {{pool}}")], "short")
+    d.panel("Prefix-cache hit rate (prompt tokens found cached)", [
+        (f"sum by (pool) (rate({_q(m.ENGINE_PREFIX_CACHE_HITS)}{{{POOL}}}[$__rate_interval])) / "
+         f"sum by (pool) (rate({_q(m.ENGINE_PREFIX_CACHE_QUERIES)}{{{POOL}}}[$__rate_interval]))", "{{pool}}")],
+            "percentunit")
 
     d.row("GPU (NVML, per replica's GPU group; no series without GPUs)")
     d.panel("GPU utilisation", [(f"max by (pool, replica) ({_q(m.GPU_UTILIZATION)}{{{POOL}}})",

@@ -21,7 +21,12 @@ What is recorded where:
 - the autoscaling policy (Serve controller): target and current replicas and
   the signal that drove the decision;
 - each LLM replica: its GPU group's NVML utilisation and memory, only where
-  it has GPUs (no series at all without them, never a zero).
+  it has GPUs (no series at all without them, never a zero); and, every
+  ``ENGINE_EXPORT_S``, its engine's running / waiting requests, KV-cache
+  usage, prompt / generated tokens, prefix-cache lookups, engine-side TTFT and
+  per-step inter-token latency, gathered by ``server/engine_load.py`` (these
+  replace vLLM's ``ray_vllm_*``, which profiles turn off: ``log_engine_metrics:
+  false``, see that module).
 
 Recording never raises into a request (every entry point is wrapped) and is
 done once per request, never per chunk. Label values come from fixed sets
@@ -60,16 +65,32 @@ AUTOSCALER_SIGNAL = "llm_autoscaling_signal"
 GPU_UTILIZATION = "llm_replica_gpu_utilization"
 GPU_MEMORY_USED = "llm_replica_gpu_memory_used_bytes"
 GPU_MEMORY_TOTAL = "llm_replica_gpu_memory_total_bytes"
+ENGINE_RUNNING = "llm_engine_requests_running"
+ENGINE_WAITING = "llm_engine_requests_waiting"
+ENGINE_KV_CACHE_USAGE = "llm_engine_kv_cache_usage"
+ENGINE_PROMPT_TOKENS = "llm_engine_prompt_tokens"
+ENGINE_GENERATION_TOKENS = "llm_engine_generation_tokens"
+ENGINE_PREFIX_CACHE_QUERIES = "llm_engine_prefix_cache_queries"
+ENGINE_PREFIX_CACHE_HITS = "llm_engine_prefix_cache_hits"
+ENGINE_TTFT = "llm_engine_ttft_seconds"
+ENGINE_STEP_ITL = "llm_engine_step_inter_token_latency_seconds"
 TENANT_REQUESTS = "llm_router_tenant_requests"
 TENANT_TOKENS = "llm_router_tenant_tokens"
 
 EXPORT_PREFIX = "ray_"
 COUNTERS = (REQUESTS, PROMPT_TOKENS, OUTPUT_TOKENS, GOODPUT_TOKENS, WITHIN_SLO, WASTED_TOKENS, TENANT_REQUESTS,
-            TENANT_TOKENS)
-HISTOGRAMS = (QUEUE_WAIT, TTFT, TPOT, E2E)
+            TENANT_TOKENS, ENGINE_PROMPT_TOKENS, ENGINE_GENERATION_TOKENS, ENGINE_PREFIX_CACHE_QUERIES,
+            ENGINE_PREFIX_CACHE_HITS)
+HISTOGRAMS = (QUEUE_WAIT, TTFT, TPOT, E2E, ENGINE_TTFT, ENGINE_STEP_ITL)
 ROUTER_GAUGES = (QUEUE_DEPTH, IN_FLIGHT, WINDOW, CIRCUIT, POOL_READY, REPLICAS)
 AUTOSCALER_GAUGES = (AUTOSCALER_TARGET, AUTOSCALER_CURRENT, AUTOSCALER_SIGNAL)
 GPU_GAUGES = (GPU_UTILIZATION, GPU_MEMORY_USED, GPU_MEMORY_TOTAL)
+ENGINE_GAUGES = (ENGINE_RUNNING, ENGINE_WAITING, ENGINE_KV_CACHE_USAGE)
+
+# How often an LLM replica exports its engine series: each export costs a few Ray metric calls plus
+# one per TTFT and per decoding step gathered, so the rate bounds it; Ray's metrics agent reports
+# every few seconds anyway (RAY_metrics_report_interval_ms), and Prometheus scrapes slower still.
+ENGINE_EXPORT_S = 1.0
 
 
 def exported(name: str) -> str:
@@ -107,6 +128,7 @@ AUTOSCALER_SIGNALS = ("queue", "kv_cache", "gpu", "idle", "bounds", "hold")
 _SECONDS_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120, 300, 600]
 _QUEUE_BUCKETS = [0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 600]
 _TPOT_BUCKETS = [0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2]
+_ENGINE_TTFT_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 60, 120, 600]
 
 
 def outcome_of(status: int) -> str:
@@ -167,6 +189,20 @@ def _make(name: str):
                           ("pool", "replica")),
         GPU_MEMORY_USED: (Gauge, "NVML memory used on the replica's GPU group, bytes (summed)", ("pool", "replica")),
         GPU_MEMORY_TOTAL: (Gauge, "NVML memory of the replica's GPU group, bytes (summed)", ("pool", "replica")),
+        ENGINE_RUNNING: (Gauge, "Requests the replica's engine is running (vLLM scheduler)", ("pool", "replica")),
+        ENGINE_WAITING: (Gauge, "Requests waiting in the replica's engine (vLLM scheduler)", ("pool", "replica")),
+        ENGINE_KV_CACHE_USAGE: (Gauge, "KV-cache blocks in use on the replica's engine, 0..1", ("pool", "replica")),
+        ENGINE_PROMPT_TOKENS: (Counter, "Prompt tokens the engine prefilled (prefix-cache hits included)",
+                               ("pool", "replica")),
+        ENGINE_GENERATION_TOKENS: (Counter, "Tokens the engine generated, whether or not delivered",
+                                   ("pool", "replica")),
+        ENGINE_PREFIX_CACHE_QUERIES: (Counter, "Prompt tokens looked up in the engine's prefix cache",
+                                      ("pool", "replica")),
+        ENGINE_PREFIX_CACHE_HITS: (Counter, "Prompt tokens found in the engine's prefix cache", ("pool", "replica")),
+        ENGINE_TTFT: (Histogram, "Seconds from a request's arrival at the engine to its first token",
+                      ("pool", "replica"), _ENGINE_TTFT_BUCKETS),
+        ENGINE_STEP_ITL: (Histogram, "Seconds between tokens in one engine decoding step (the step's mean; one "
+                          "observation per step, not per token)", ("pool", "replica"), _TPOT_BUCKETS),
         TENANT_REQUESTS: (Counter, "Requests per tenant (from the tenants file; never a key) by outcome",
                           ("tenant", "outcome")),
         TENANT_TOKENS: (Counter, "Tokens per tenant: prompt tokens sent to an engine, output tokens delivered",
@@ -286,5 +322,26 @@ def gpu_group(pool: str, replica: str, *, utilization: float, memory_used_bytes:
     _safely("gpu_group", record)
 
 
+def engine_series(pool: str, replica: str, load, samples) -> None:
+    """One export of an LLM replica's engine: ``load`` a ``ReplicaLoad`` (gauges), ``samples`` the
+    ``EngineSamples`` gathered since the last export (counters and histograms)."""
+    def record():
+        tags = {"pool": pool, "replica": replica}
+        _metric(ENGINE_RUNNING).set(load.running, tags=tags)
+        _metric(ENGINE_WAITING).set(load.waiting, tags=tags)
+        _metric(ENGINE_KV_CACHE_USAGE).set(load.kv_cache_usage, tags=tags)
+        for name, count in ((ENGINE_PROMPT_TOKENS, samples.prompt_tokens),
+                            (ENGINE_GENERATION_TOKENS, samples.generation_tokens),
+                            (ENGINE_PREFIX_CACHE_QUERIES, samples.prefix_cache_queries),
+                            (ENGINE_PREFIX_CACHE_HITS, samples.prefix_cache_hits)):
+            if count > 0:  # a Ray counter refuses 0
+                _metric(name).inc(count, tags=tags)
+        for name, values in ((ENGINE_TTFT, samples.ttft_s), (ENGINE_STEP_ITL, samples.step_itl_s)):
+            histogram = _metric(name)
+            for value in values:
+                histogram.observe(max(0.0, float(value)), tags=tags)
+    _safely("engine_series", record)
+
+
 def all_names() -> Iterable[str]:
-    return COUNTERS + HISTOGRAMS + ROUTER_GAUGES + AUTOSCALER_GAUGES + GPU_GAUGES
+    return COUNTERS + HISTOGRAMS + ROUTER_GAUGES + AUTOSCALER_GAUGES + GPU_GAUGES + ENGINE_GAUGES

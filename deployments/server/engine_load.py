@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from dataclasses import dataclass, field
+
 from vllm.v1.metrics.loggers import StatLoggerBase
 
 from deployments.server.load_report import ReplicaLoad
@@ -30,6 +32,38 @@ _steps_recorded = 0
 # Weight of the newest step in the smoothed TPOT: a handful of steps (tens of
 # ms on a GPU) make up the figure, so it follows load changes within a second.
 _TPOT_WEIGHT = 0.2
+
+
+# What the replica has not exported yet (``take_samples``). Bounded: a stalled export loses the
+# oldest observations, never memory.
+_SAMPLES_KEPT = 4096
+
+
+@dataclass
+class EngineSamples:
+    """Engine figures gathered since the last ``take_samples()``, summed over this process's engines.
+
+    Token and lookup counts are deltas; ``ttft_s`` holds one engine-side time to first token per
+    request that got its first token (seconds, from the engine's arrival stamp); ``step_itl_s`` one
+    value per decoding step: the mean inter-token latency of the tokens it produced (seconds).
+    """
+
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    prefix_cache_queries: int = 0   # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0      # of those, tokens found cached
+    ttft_s: deque = field(default_factory=lambda: deque(maxlen=_SAMPLES_KEPT))
+    step_itl_s: deque = field(default_factory=lambda: deque(maxlen=_SAMPLES_KEPT))
+
+
+_samples = EngineSamples()
+
+
+def take_samples() -> EngineSamples:
+    """What was gathered since the previous call; starts a new gathering."""
+    global _samples
+    taken, _samples = _samples, EngineSamples()
+    return taken
 
 
 def current_load() -> ReplicaLoad:
@@ -60,6 +94,14 @@ def step_tpots_since(mark: int) -> list[float]:
     return list(_step_tpots)[len(_step_tpots) - count:] if count > 0 else []
 
 
+def _count_prefix_cache(scheduler_stats) -> None:
+    # Per step (vLLM resets these each step); absent in a vLLM without prefix-cache stats.
+    stats = getattr(scheduler_stats, "prefix_cache_stats", None)
+    if stats is not None:
+        _samples.prefix_cache_queries += int(getattr(stats, "queries", 0) or 0)
+        _samples.prefix_cache_hits += int(getattr(stats, "hits", 0) or 0)
+
+
 def _step_inter_token_latencies(iteration_stats) -> list[float]:
     # vLLM renamed the field; both names are read so the GPU stack (vLLM 0.26) works too.
     for name in ("inter_token_latencies_iter", "time_per_output_tokens_iter"):
@@ -78,6 +120,7 @@ class EngineLoadLogger(StatLoggerBase):
             self._record_iteration(iteration_stats, engine_idx)
         if scheduler_stats is None:
             return
+        _count_prefix_cache(scheduler_stats)
         _latest[engine_idx] = ReplicaLoad(
             running=scheduler_stats.num_running_reqs,
             waiting=scheduler_stats.num_waiting_reqs,
@@ -87,12 +130,17 @@ class EngineLoadLogger(StatLoggerBase):
 
     @staticmethod
     def _record_iteration(iteration_stats, engine_idx: int) -> None:
-        _generated[engine_idx] = _generated.get(engine_idx, 0) + int(iteration_stats.num_generation_tokens)
+        generated = int(iteration_stats.num_generation_tokens)
+        _generated[engine_idx] = _generated.get(engine_idx, 0) + generated
+        _samples.generation_tokens += generated
+        _samples.prompt_tokens += int(getattr(iteration_stats, "num_prompt_tokens", 0) or 0)
+        _samples.ttft_s.extend(getattr(iteration_stats, "time_to_first_tokens_iter", None) or ())
         latencies = _step_inter_token_latencies(iteration_stats)
         if not latencies:
             return
         global _steps_recorded
         step = sum(latencies) / len(latencies)
+        _samples.step_itl_s.append(step)
         _step_tpots.append(step)
         _steps_recorded += 1
         previous = _tpot.get(engine_idx)

@@ -26,6 +26,11 @@ GPU signal: the replica asks its vLLM workers (by method name, see
 utilisation and memory with NVML every ``GPU_POLL_S``, off the event loop. The
 latest reading goes to Serve's autoscaling metrics and to ``engine_load``
 (the router's ``/health`` shows it per pool). Without GPUs it is absent.
+
+Engine series: every ``metrics.ENGINE_EXPORT_S`` the replica exports what its
+engine did (``engine_load.take_samples``) as the ``llm_engine_*`` metrics the
+dashboards read, in place of vLLM's per-token Ray stat logger (see
+``engine_load.py`` for why).
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from ray.serve.llm.deployment import LLMServer
 from deployments.autoscaling.gpu import GpuGroupReading, device_uuids, read_group
 from deployments.config.names import ENGINE_RUNNING, ENGINE_WAITING, GPU_UTILIZATION, KV_CACHE_USAGE, pool_of_deployment
 from deployments.observability import metrics
-from deployments.server.engine_load import current_load, step_tpots_since, steps_recorded
+from deployments.server.engine_load import current_load, step_tpots_since, steps_recorded, take_samples
 from deployments.server.load_report import ReplicaLoad
 from deployments.server.stream_batching import DEFAULT_BATCHES_PER_S, StreamPacer, paced_batches
 from deployments.server.worker_extension import GPU_UUID_RPC, SEEDED_SAMPLING_RPC, extension_kwargs
@@ -78,9 +83,11 @@ class ObservedLLMServer(LLMServer):
         await super().start()
         await self._make_seeded_sampling_safe()
         await self._warm_up()
+        loop = asyncio.get_running_loop()
+        self._engine_export = loop.create_task(self._export_engine_series())
         group = await self._gpu_group()
         if group:
-            self._gpu_watch = asyncio.get_running_loop().create_task(self._watch_gpu(group))
+            self._gpu_watch = loop.create_task(self._watch_gpu(group))
 
     def _add_extension(self) -> None:
         added = extension_kwargs(self._llm_config.engine_kwargs or {})
@@ -178,6 +185,12 @@ class ObservedLLMServer(LLMServer):
                                   memory_total_bytes=reading.memory_total_bytes)
             await asyncio.sleep(GPU_POLL_S)
 
+    async def _export_engine_series(self) -> None:
+        pool, replica = _metric_identity()
+        while True:
+            await asyncio.sleep(metrics.ENGINE_EXPORT_S)
+            metrics.engine_series(pool, replica, current_load(), take_samples())  # never raises
+
     async def engine_load(self) -> ReplicaLoad:
         """vLLM's running / waiting requests and KV-cache usage on this replica, its GPU group's latest
         reading (``gpu``: utilisation 0..1, memory bytes; None without GPUs) and its TPOT with one stream
@@ -195,7 +208,7 @@ class ObservedLLMServer(LLMServer):
 
 
 def _metric_identity() -> tuple[str, str]:
-    """(pool, replica id) labels for this replica's GPU gauges."""
+    """(pool, replica id) labels for this replica's GPU and engine series."""
     try:
         from ray import serve
 
