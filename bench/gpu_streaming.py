@@ -19,7 +19,8 @@ one wall-clock instant; each worker reports its own CPU time so the client is sh
 Phases per target, in this order (all but the first four are skipped when they would not fit before DEADLINE_S):
 
 - ``warm``  3 short streamed requests, one at a time
-- ``s1``    1 stream: 3 streamed requests one at a time (TTFT, end-to-end tok/s)
+- ``s1``    1 stream: ``S1_N`` streamed requests one at a time (TTFT, end-to-end tok/s; default 10, 3 in
+            passes 1-6)
 - ``c64``   64 concurrent streams;  ``c256`` 256 concurrent streams
 - ``p256``  256 concurrent streams again, with py-spy (``record --nonblocking --threads``, 100 Hz) on
             the Serve proxy, the ingress/router replica, the LLM replica and vLLM's EngineCore process
@@ -90,6 +91,8 @@ CLIENT_PROCS = 8
 # Pass 2 (ours only): after the base phases, redeploy with this many router replicas each (only the Router
 # deployment's autoscaling bounds change, a lightweight update: the LLM replica and its engine stay up)
 # and repeat c64 / c256. "" runs pass 1's phases.
+# Requests of the 1-stream phase, one at a time (passes 1-6: 3; TTFT p50 of 3 moved by tens of ms).
+S1_N = int(os.environ.get("S1_N", "10"))
 ROUTER_STEPS = [int(x) for x in os.environ.get("ROUTER_STEPS", "").split(",") if x.strip()]
 # Pass 3 (ours only): Ray Serve LLM's fixed stream-batching window back, in ms ("" = the project's default,
 # ready-batching without a window). Set, the run is named "ours_window".
@@ -914,7 +917,7 @@ def main() -> None:
 def pass_two(base: str, roles: dict[str, int]) -> None:
     """Each step of the fix on the same workload in one lease: base phases, then each router count."""
     run_phase("warm", base, roles, n=3, seed=-10, max_tokens=16, sequential=True, timeout=60)
-    run_phase("s1", base, roles, n=3, seed=200, sequential=True, timeout=60)
+    run_phase("s1", base, roles, n=S1_N, seed=200, sequential=True, timeout=60)
     run_phase("c64", base, roles, n=64, seed=2000, timeout=min(120, max(30, left() - 60)))
     run_phase("c256", base, roles, n=256, seed=1000, timeout=min(200, max(30, left() - 45)))
     if left() > 45:
@@ -935,7 +938,7 @@ def pass_two(base: str, roles: dict[str, int]) -> None:
 def pass_one(base: str, roles: dict[str, int]) -> None:
     """Pass 1: the baseline phases and the profiled one."""
     run_phase("warm", base, roles, n=3, seed=-10, max_tokens=16, sequential=True, timeout=60)
-    run_phase("s1", base, roles, n=3, seed=200, sequential=True, timeout=60)
+    run_phase("s1", base, roles, n=S1_N, seed=200, sequential=True, timeout=60)
     run_phase("c64", base, roles, n=64, seed=2000, timeout=min(120, max(30, left() - 60)))
     run_phase("c256", base, roles, n=256, seed=1000, timeout=min(200, max(30, left() - 45)))
     est = (res["phases"].get("c256", {}).get("client", {}).get("wall_s") or 30) + 25
