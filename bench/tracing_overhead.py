@@ -55,6 +55,8 @@ class Sink:
         self.lock = threading.Lock()
         self.requests = self.spans = self.bytes = 0
         self.span_names: dict[str, int] = {}
+        self.durations_ms: dict[str, list[float]] = {}
+        self.traces: dict[str, dict[str, int]] = {}  # trace id -> span name -> start ns; "first_token" -> ns
         sink = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -82,13 +84,16 @@ class Sink:
         raw_len = len(body)
         if encoding == "gzip":
             body = gzip.decompress(body)
-        names: list[str] = []
+        spans: list[tuple] = []  # (name, trace id, start ns, end ns, {event name: ns})
         try:
             if "json" in content_type:
                 data = json.loads(body)
                 for rs in data.get("resourceSpans", []):
                     for ss in rs.get("scopeSpans", []):
-                        names += [s.get("name", "") for s in ss.get("spans", [])]
+                        spans += [(s.get("name", ""), s.get("traceId", ""), int(s.get("startTimeUnixNano", 0)),
+                                   int(s.get("endTimeUnixNano", 0)),
+                                   {e.get("name", ""): int(e.get("timeUnixNano", 0)) for e in s.get("events", [])})
+                                  for s in ss.get("spans", [])]
             else:
                 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
@@ -96,20 +101,43 @@ class Sink:
                 request.ParseFromString(body)
                 for rs in request.resource_spans:
                     for ss in rs.scope_spans:
-                        names += [s.name for s in ss.spans]
+                        spans += [(s.name, s.trace_id.hex(), s.start_time_unix_nano, s.end_time_unix_nano,
+                                   {e.name: e.time_unix_nano for e in s.events}) for s in ss.spans]
         except Exception:  # counted as a request and bytes; spans unknown
             pass
         with self.lock:
             self.requests += 1
             self.bytes += raw_len
-            self.spans += len(names)
-            for name in names:
+            self.spans += len(spans)
+            for name, trace_id, start, end, events in spans:
                 self.span_names[name] = self.span_names.get(name, 0) + 1
+                self.durations_ms.setdefault(name, []).append((end - start) / 1e6)
+                timeline = self.traces.setdefault(trace_id, {})
+                timeline[name] = start
+                if "first_token" in events:
+                    timeline["first_token"] = events["first_token"]
 
     def counts(self) -> dict:
         with self.lock:
             return {"requests": self.requests, "spans": self.spans, "bytes": self.bytes,
                     "span_names": dict(self.span_names)}
+
+    def breakdown(self) -> dict:
+        """Where a request's time went in the router, from the spans received: per span name its duration
+        p50 / p90 (ms), and over traces with a first token, the time from the request span's start to it
+        (``request_to_first_token``) and from the replica call's start to it (``replica_call_to_first_token``:
+        the Serve handle call, the LLM replica's own work and the engine's prefill)."""
+        with self.lock:
+            durations = {name: list(values) for name, values in self.durations_ms.items()}
+            traces = [dict(t) for t in self.traces.values()]
+        pct = lambda values, q: sorted(values)[min(len(values) - 1, int(q / 100 * len(values)))]  # noqa: E731
+        out = {name: {"n": len(v), "p50_ms": pct(v, 50), "p90_ms": pct(v, 90)} for name, v in durations.items() if v}
+        for label, since in (("request_to_first_token", "llm.request"),
+                             ("replica_call_to_first_token", "router.replica_call")):
+            values = [(t["first_token"] - t[since]) / 1e6 for t in traces if "first_token" in t and since in t]
+            if values:
+                out[label] = {"n": len(values), "p50_ms": pct(values, 50), "p90_ms": pct(values, 90)}
+        return out
 
     def close(self) -> None:
         self.server.shutdown()
@@ -293,6 +321,12 @@ def report(rows: list[dict], summary: dict) -> None:
     print(f"sink received {summary['sink']['spans']} spans in {summary['sink']['requests']} exports "
           f"({summary['sink']['bytes']} bytes): {summary['sink']['span_names']}")
     print(f"same engine actor in every phase: {summary['engine_kept']}")
+    if summary.get("breakdown"):
+        print()
+        print("| span (tracing on) | n | p50 ms | p90 ms |")
+        print("|---|---|---|---|")
+        for name, b in sorted(summary["breakdown"].items()):
+            print(f"| {name} | {b['n']} | {b['p50_ms']:.1f} | {b['p90_ms']:.1f} |")
 
 
 def main() -> None:
@@ -359,6 +393,7 @@ def main() -> None:
     summary = summarise(results, rows)
     summary["engine_kept"] = len({tuple(sorted(e.items())) for e in engines}) == 1
     summary["sink"] = sink.counts()
+    summary["breakdown"] = sink.breakdown()
 
     report(rows, summary)
     (args.out / "tracing_overhead.json").write_text(json.dumps(
