@@ -118,4 +118,24 @@ def test_a_union_fields_error_is_the_one_its_value_tells(router_errors):
     error = router_errors.post("/v1/chat/completions", json={**CHAT, "stop": [f"s{i}" for i in range(500)]}).json()["error"]
     assert error["param"] == "stop" and "at most 4" in error["message"]
     error = router_errors.post("/v1/chat/completions", json={**CHAT, "stop": 5}).json()["error"]  # no member fits its type
-    assert error["param"] == "stop" and "valid string" in error["message"]
+    assert error["param"] == "stop"
+    assert error["message"] == "Invalid type for 'stop': expected a string or an array, but got an integer instead."
+
+
+@pytest.mark.parametrize(("body", "param", "message"), [
+    # Found by a fresh-eye trial: "prompt": 123 was answered "Input should be a valid list".
+    ({"model": "m", "prompt": 123}, "prompt",
+     "Invalid type for 'prompt': expected a string or an array, but got an integer instead."),
+    ({"model": "m", "prompt": {"text": "Hi"}}, "prompt",
+     "Invalid type for 'prompt': expected a string or an array, but got an object instead."),
+])
+def test_a_value_whose_type_fits_no_member_of_a_union_is_told_the_types_it_may_have(router_errors, body, param,
+                                                                                       message):
+    error = router_errors.post("/v1/completions", json=body).json()["error"]
+    assert (error["param"], error["message"], error["type"]) == (param, message, "invalid_request_error")
+
+
+def test_a_member_that_took_the_type_still_tells_its_own_error(router_errors):
+    # A list of floats is an array, as prompt's token-id member wants: its item error stays the answer.
+    error = router_errors.post("/v1/completions", json={"model": "m", "prompt": [1.5]}).json()["error"]
+    assert error["param"] == "prompt[0]" and error["message"].startswith("Invalid value for 'prompt[0]': ")

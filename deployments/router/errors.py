@@ -90,7 +90,7 @@ async def _validation_error_to_openai(request: Request, exc: RequestValidationEr
     elif param is None:  # a check across fields (a model validator) of a well-formed object
         message = f"invalid request: {first.get('msg', 'invalid').removeprefix('Value error, ')}"
     else:
-        message = f"Invalid value for '{param}': {first.get('msg', 'invalid')}"
+        message = _type_mismatch(exc.errors(), param, first) or f"Invalid value for '{param}': {first.get('msg', 'invalid')}"
     metrics.refused_at_door(400, "schema")
     return openai_error(400, message, param=param)
 
@@ -109,6 +109,28 @@ def _most_telling(errors: list[dict]) -> dict:
         if param_path(error.get("loc", ())) == field and not str(error.get("type", "")).endswith("_type"):
             return error
     return first
+
+
+# pydantic's type-mismatch error types, as OpenAI's messages name the JSON types.
+_JSON_TYPE_OF_ERROR = {"string_type": "a string", "list_type": "an array", "int_type": "an integer",
+                       "float_type": "a number", "bool_type": "a boolean", "dict_type": "an object",
+                       "model_type": "an object", "model_attributes_type": "an object"}
+_JSON_TYPE_OF_VALUE = ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
+                       (list, "an array"), (dict, "an object"), (type(None), "null"))
+
+
+def _type_mismatch(errors: list[dict], param: str, first: dict) -> str | None:
+    """OpenAI's own wording where a value's JSON type fits none of its field's union members
+    (``"prompt": 123``: "Invalid type for 'prompt': expected a string or an array, but got an integer
+    instead."); None where some member took the type and failed on the value (that error tells more)."""
+    mine = [e for e in errors if param_path(e.get("loc", ())) == param]
+    if len(mine) < 2 or not all(str(e.get("type", "")) in _JSON_TYPE_OF_ERROR for e in mine):
+        return None
+    named = {_JSON_TYPE_OF_ERROR[str(e["type"])] for e in mine}
+    expected = [name for name in dict.fromkeys(_JSON_TYPE_OF_ERROR.values()) if name in named]  # a fixed order
+    got = next((name for kind, name in _JSON_TYPE_OF_VALUE if isinstance(first.get("input"), kind)), "another type")
+    wanted = expected[0] if len(expected) == 1 else ", ".join(expected[:-1]) + " or " + expected[-1]
+    return f"Invalid type for '{param}': expected {wanted}, but got {got} instead."
 
 
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict", "list", "tuple", "set", "bytes"})
