@@ -179,3 +179,12 @@ def test_readmes_table_of_edits_that_restart_engines_is_serves_own_rule(config_a
     before = _code_version(config_app)
     edit(config_app)
     assert (_code_version(config_app) != before) is restarts
+
+
+def test_every_profile_turns_vllms_ray_stat_logger_off(args):
+    # Ray's default (on) records one histogram observation per generated token on the LLM replica's busiest
+    # core; the replica exports the engine series the dashboards read itself (engine_load.py). A new profile
+    # that leaves the key out would silently turn that cost back on.
+    on = [name for name, profile in args["profiles"].items()
+          if profile["llm_config"].get("log_engine_metrics", True) is not False]
+    assert not on, f"profiles without log_engine_metrics: false: {on}"

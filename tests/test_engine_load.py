@@ -74,3 +74,10 @@ def test_a_stalled_export_keeps_only_the_newest_samples():
     taken = engine_load.take_samples()
     assert len(taken.step_itl_s) == kept and taken.step_itl_s[0] == 5.0
     assert taken.generation_tokens == kept + 5  # counts are never dropped
+
+
+def test_waiting_counts_the_requests_vllm_skipped_this_step_as_its_own_gauge_does():
+    logger = EngineLoadLogger(vllm_config=None)
+    logger.record(SimpleNamespace(num_running_reqs=3, num_waiting_reqs=2, num_skipped_waiting_reqs=1,
+                                  kv_cache_usage=0.1), None)
+    assert (engine_load.current_load().running, engine_load.current_load().waiting) == (3, 3)

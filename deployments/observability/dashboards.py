@@ -140,7 +140,9 @@ def dashboard() -> dict:
         (f"sum by (pool) (rate({_q(m.ENGINE_GENERATION_TOKENS)}{{{POOL}}}[$__rate_interval]))",
          "generated {{pool}}")], "short")
     d.panel("Prefix-cache hit rate (prompt tokens found cached)", [
-        (f"sum by (pool) (rate({_q(m.ENGINE_PREFIX_CACHE_HITS)}{{{POOL}}}[$__rate_interval])) / "
+        # The hits counter has no series before the first hit (a Ray counter takes no 0): 0%, not "no data".
+        (f"(sum by (pool) (rate({_q(m.ENGINE_PREFIX_CACHE_HITS)}{{{POOL}}}[$__rate_interval])) or "
+         f"0 * sum by (pool) (rate({_q(m.ENGINE_PREFIX_CACHE_QUERIES)}{{{POOL}}}[$__rate_interval]))) / "
          f"sum by (pool) (rate({_q(m.ENGINE_PREFIX_CACHE_QUERIES)}{{{POOL}}}[$__rate_interval]))", "{{pool}}")],
             "percentunit")
 

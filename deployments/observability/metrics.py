@@ -1,7 +1,8 @@
 """The app's own metrics, exported through Ray's metrics agent (``ray.util.metrics``).
 
-Ray Serve LLM exports its metrics (and vLLM's, as ``ray_vllm_*``) the same
-way; Prometheus scrapes every node's metrics export port, found in Ray's
+Ray Serve LLM exports its metrics the same way (and vLLM's, as ``ray_vllm_*``,
+where ``log_engine_metrics`` is on: our profiles turn it off and export the
+engine's series themselves, below); Prometheus scrapes every node's metrics export port, found in Ray's
 service-discovery file (``deployments/observability/prometheus.yml``). Ray
 prefixes every name with ``ray_`` and counters with ``_total``: the counter
 ``llm_router_requests`` is scraped as ``ray_llm_router_requests_total``.

@@ -2,11 +2,24 @@
 
 ``EngineLoadLogger`` is a vLLM stat-logger plugin (entry point group
 ``vllm.stat_logger_plugins`` in pyproject.toml): vLLM instantiates it inside
-the replica process, next to ray.serve.llm's Prometheus logger, and hands it
-every ``SchedulerStats`` and ``IterationStats``. It keeps the latest load per
+the replica process, next to vLLM's own loggers, and hands it every
+``SchedulerStats`` and ``IterationStats``. It keeps the latest load per
 engine, a smoothed time per output token and a count of generated tokens, so
 the replica can answer "how busy and how fast is my engine" without scraping
 Prometheus (the router's adaptive window feeds on the TPOT).
+
+It also gathers the few engine series the dashboards show (``EngineSamples``:
+token counts, prefix-cache lookups, engine-side TTFT per request, one
+inter-token latency per decoding step), which the replica exports through Ray
+once a second (``llm_server.py``). They replace ray.serve.llm's Ray stat
+logger, which every profile turns off (``log_engine_metrics: false``): that
+logger records some fifty series, with one histogram observation per
+generated token, on the replica's busiest core; turning it off cut the
+replica's CPU per output token at 256 streams on an H200 by 25%
+(docs/streaming.md, passes 6 and 7). Here the work per step is a few
+additions, and an export's cost grows with steps and requests, not tokens.
+(vLLM still adds its in-process ``PrometheusStatLogger`` whenever no custom
+Prometheus logger is given; nothing scrapes it.)
 """
 
 from __future__ import annotations
@@ -123,7 +136,9 @@ class EngineLoadLogger(StatLoggerBase):
         _count_prefix_cache(scheduler_stats)
         _latest[engine_idx] = ReplicaLoad(
             running=scheduler_stats.num_running_reqs,
-            waiting=scheduler_stats.num_waiting_reqs,
+            # As vLLM's own waiting gauge: requests skipped this step (waiting on a grammar, a LoRA
+            # slot or their own earlier output) wait too.
+            waiting=scheduler_stats.num_waiting_reqs + int(getattr(scheduler_stats, "num_skipped_waiting_reqs", 0) or 0),
             kv_cache_usage=scheduler_stats.kv_cache_usage,
             updated_at=time.time(),
         )

@@ -189,7 +189,12 @@ class ObservedLLMServer(LLMServer):
         pool, replica = _metric_identity()
         while True:
             await asyncio.sleep(metrics.ENGINE_EXPORT_S)
-            metrics.engine_series(pool, replica, current_load(), take_samples())  # never raises
+            load = current_load()
+            if self._unfinished_requests() == 0:
+                # vLLM reports load only with a step's outputs: after the last requests were aborted the
+                # scheduler's figures stay at that step's. The frontend knows nothing is left.
+                load = replace(load, running=0, waiting=0)
+            metrics.engine_series(pool, replica, load, take_samples())  # never raises
 
     async def engine_load(self) -> ReplicaLoad:
         """vLLM's running / waiting requests and KV-cache usage on this replica, its GPU group's latest
