@@ -62,6 +62,15 @@ batcher back instead of the project's ready-batching (deployments/server/stream_
 is then named ``ours_window`` (``res_ours_window.json`` ...) and the setting is recorded in the result
 (``stream_batching_interval_ms``). ``res_*.json`` also records the sha256 of the stream-batching code
 that was measured (``code``).
+
+Pass 8 (ours only): ``SPANS=1`` turns OpenTelemetry on in every process (an OTLP sink in this script) and
+runs only ``warm`` and ``s1``; ``res_ours_spans.json`` gets ``spans``: one stream's TTFT split into the
+router's spans, the handle hop to the LLM replica, the replica's own span (chat template to the engine's
+first output) and the hop back (bench/tracing_overhead.Sink.breakdown).
+
+Issue 13 (ours only): ``TOOLS=1`` adds ``enable_auto_tool_choice: true`` and ``tool_call_parser: hermes`` (vLLM's
+settings for Qwen2.5's tool calls) to the profile's engine_kwargs and runs ``warm`` and three non-streamed tool
+calls (``tool_choice`` auto, required, a named function) into ``res_ours_tools.json``'s ``tools``.
 """
 
 from __future__ import annotations
@@ -97,6 +106,18 @@ ROUTER_STEPS = [int(x) for x in os.environ.get("ROUTER_STEPS", "").split(",") if
 # Pass 3 (ours only): Ray Serve LLM's fixed stream-batching window back, in ms ("" = the project's default,
 # ready-batching without a window). Set, the run is named "ours_window".
 STREAM_BATCHING_MS = os.environ.get("STREAM_BATCHING_MS", "").strip()
+# Pass 8 (ours only): SPANS=1 runs the app with OpenTelemetry on in every process (an OTLP sink in this
+# script, bench/tracing_overhead.Sink) and only the warm and 1-stream phases, to split one stream's TTFT by
+# span: the router's, the handle hop in, the LLM replica's (chat template .. first output), the hop back.
+# The run is named "ours_spans"; tracing's own cost is in the client's TTFT, so compare with an "ours" run.
+SPANS = os.environ.get("SPANS", "").strip() == "1"
+# Issue 13 (ours only): TOOLS=1 adds vLLM's tool-call settings for Qwen2.5 (enable_auto_tool_choice, the hermes
+# parser) to the profile's engine_kwargs and runs only the warm phase and three tool calls (tool_choice auto,
+# required, a named function): whether Ray Serve LLM of this stack hands them to vLLM's frontend and the app
+# serves them. The run is named "ours_tools".
+TOOLS = os.environ.get("TOOLS", "").strip() == "1"
+TOOL_SETTINGS = {"enable_auto_tool_choice": True, "tool_call_parser": "hermes"}
+SINK: list = []
 DEPLOYED: dict = {}
 
 
@@ -567,6 +588,8 @@ def start_target() -> tuple[str, object]:
         lc = cfg["applications"][0]["args"]["profiles"][cfgmod.PROFILE]["llm_config"]
         lc.setdefault("experimental_configs", {})["stream_batching_interval_ms"] = int(STREAM_BATCHING_MS)
         res["stream_batching_interval_ms"] = int(STREAM_BATCHING_MS)
+    if TARGET == "ours" and TOOLS:
+        cfg["applications"][0]["args"]["profiles"][cfgmod.PROFILE]["llm_config"]["engine_kwargs"].update(TOOL_SETTINGS)
     if TARGET == "ours":  # the project's own stat-logger plugin, as `pip install -e .` registers it
         cfgmod.register_stat_loggers(ep_dir, {"llm_serving_engine_load":
                                               "deployments.server.engine_load:EngineLoadLogger"})
@@ -574,6 +597,11 @@ def start_target() -> tuple[str, object]:
             yaml.safe_dump(cfg, f, sort_keys=False)
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), str(HERE), ep_dir, os.environ.get("PYTHONPATH", "")])
     sys.path[:0] = [str(REPO), ep_dir]
+    if SPANS:  # before Ray starts: the router and the LLM replica inherit the exporter's endpoint
+        from tracing_overhead import Sink
+
+        SINK.append(Sink())
+        os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = SINK[0].url
     ray.init(namespace="serve", num_cpus=16, num_gpus=1, resources={"gpu_4090d": 1}, include_dashboard=False,
              log_to_driver=False)
     if TARGET == "ours":  # as `serve run CONFIG` does: ServeDeploySchema -> deploy_apps
@@ -894,7 +922,11 @@ def main() -> None:
     if watch is not None:
         watch.start()
     try:
-        if ROUTER_STEPS:
+        if TOOLS:
+            pass_tools(base, roles)
+        elif SPANS:
+            pass_spans(base, roles)
+        elif ROUTER_STEPS:
             pass_two(base, roles)
         else:
             pass_one(base, roles)
@@ -935,6 +967,45 @@ def pass_two(base: str, roles: dict[str, int]) -> None:
         run_phase(f"c256_r{n}", base, roles, n=256, seed=1000 + n, timeout=min(200, max(30, left() - 30)))
 
 
+def pass_spans(base: str, roles: dict[str, int]) -> None:
+    """Pass 8: one stream's TTFT split by span (SPANS=1): the base's short phases, then the sink's breakdown."""
+    run_phase("warm", base, roles, n=3, seed=-10, max_tokens=16, sequential=True, timeout=60)
+    run_phase("s1", base, roles, n=S1_N, seed=200, sequential=True, timeout=60)
+    time.sleep(6)  # the batch span processors export every 5 s
+    res["spans"] = {"breakdown": SINK[0].breakdown(), "sink": SINK[0].counts()}
+    log("spans:", json.dumps(res["spans"]["breakdown"]))
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city now.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Berlin"]}},
+                   "required": ["city"]}}}
+
+
+def pass_tools(base: str, roles: dict[str, int]) -> None:
+    """TOOLS=1: the three ways a client asks for a tool call, each once, not streamed; what came back."""
+    import httpx
+
+    run_phase("warm", base, roles, n=3, seed=-10, max_tokens=16, sequential=True, timeout=60)
+    choices = {"auto": "auto", "required": "required",
+               "named": {"type": "function", "function": {"name": "get_weather"}}}
+    out = {}
+    for label, choice in choices.items():
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+                "tools": [WEATHER_TOOL], "tool_choice": choice, "max_tokens": 256, "temperature": 0}
+        try:
+            r = httpx.post(base + "/v1/chat/completions", json=body, timeout=120)
+            data = r.json()
+            message = (data.get("choices") or [{}])[0].get("message") or {}
+            out[label] = {"status": r.status_code, "finish_reason": (data.get("choices") or [{}])[0].get("finish_reason"),
+                          "tool_calls": message.get("tool_calls"), "content": (message.get("content") or "")[:200],
+                          "error": data.get("error")}
+        except Exception as exc:  # noqa: BLE001
+            out[label] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        log(f"tools {label}:", json.dumps(out[label])[:600])
+    res["tools"] = {"settings": TOOL_SETTINGS, "calls": out}
+
+
 def pass_one(base: str, roles: dict[str, int]) -> None:
     """Pass 1: the baseline phases and the profiled one."""
     run_phase("warm", base, roles, n=3, seed=-10, max_tokens=16, sequential=True, timeout=60)
@@ -961,7 +1032,9 @@ if __name__ == "__main__":
     TARGET = sys.argv[1] if len(sys.argv) > 1 else "stock"
     assert TARGET in ("bare", "stock", "ours"), "TARGET: bare | stock | ours"
     assert not STREAM_BATCHING_MS or TARGET == "ours", "STREAM_BATCHING_MS applies to ours only"
-    RUN = "ours_window" if STREAM_BATCHING_MS else TARGET
+    assert not SPANS or TARGET == "ours", "SPANS applies to ours only"
+    assert not TOOLS or TARGET == "ours", "TOOLS applies to ours only"
+    RUN = "ours_window" if STREAM_BATCHING_MS else "ours_spans" if SPANS else "ours_tools" if TOOLS else TARGET
     DEADLINE = float(sys.argv[2]) if len(sys.argv) > 2 else 540.0
     MODEL_DIR = sys.argv[3] if len(sys.argv) > 3 else "/tmp/dq"
     sys.path.insert(0, str(HERE))

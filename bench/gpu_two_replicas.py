@@ -40,6 +40,8 @@ come up in its share, or whose requests hang, is recorded with its error and dia
 the processes that warned of tasks pending submission, py-spy dumps of every Serve process when ``PYSPY``
 names a py-spy binary, the tails of the Router / LLM replica / controller / proxy logs), and the next router
 still runs. ``X2_NGPU=1`` (with ``CUDA_VISIBLE_DEVICES=0``) runs the one-GPU variant on a two-GPU machine.
+``ROUTERS=N`` fixes the app's Router replicas at N (both modes; default: serve_config.yaml's bounds), so the
+affinity router's queue-length probes come from one Router (``ROUTERS=1``) instead of several.
 
 Commands (repository root; ``.gpu/`` prepared by ../shared/gpu/prepare.sh, see docs/gpu.md):
 
@@ -123,6 +125,11 @@ def build_config(mode: str, model_dir: str, util: float, router_class: str | Non
         lc["deployment_config"]["autoscaling_config"] = {"min_replicas": 2, "max_replicas": 2}
     if router_class:
         lc["deployment_config"]["request_router_config"] = {"request_router_class": router_class}
+    if os.environ.get("ROUTERS"):  # Router replicas, fixed (the Router entry's autoscaling bounds)
+        from deployments.config.app_args import router_entry
+
+        n = int(os.environ["ROUTERS"])
+        router_entry(app)["autoscaling_config"] = {"min_replicas": n, "max_replicas": n}
     return cfg
 
 

@@ -44,6 +44,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.priority_flood import BASE_URL, Result, one_request, percentile, short_chat  # noqa: E402
+from deployments.observability.tracing import REPLICA_FIRST_OUTPUT as REPLICA_SPAN  # noqa: E402
+from deployments.observability.tracing import SERVE_REQUEST_ID  # noqa: E402
 
 
 # --- an OTLP/HTTP sink ------------------------------------------------------------------------------
@@ -57,6 +59,8 @@ class Sink:
         self.span_names: dict[str, int] = {}
         self.durations_ms: dict[str, list[float]] = {}
         self.traces: dict[str, dict[str, int]] = {}  # trace id -> span name -> start ns; "first_token" -> ns
+        self.request_traces: dict[str, str] = {}  # Serve request id -> the router's trace id
+        self.replica_spans: dict[str, tuple[int, int]] = {}  # Serve request id -> LLM replica span (start, end)
         sink = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -84,7 +88,7 @@ class Sink:
         raw_len = len(body)
         if encoding == "gzip":
             body = gzip.decompress(body)
-        spans: list[tuple] = []  # (name, trace id, start ns, end ns, {event name: ns})
+        spans: list[tuple] = []  # (name, trace id, start ns, end ns, {event name: ns}, Serve request id)
         try:
             if "json" in content_type:
                 data = json.loads(body)
@@ -92,7 +96,9 @@ class Sink:
                     for ss in rs.get("scopeSpans", []):
                         spans += [(s.get("name", ""), s.get("traceId", ""), int(s.get("startTimeUnixNano", 0)),
                                    int(s.get("endTimeUnixNano", 0)),
-                                   {e.get("name", ""): int(e.get("timeUnixNano", 0)) for e in s.get("events", [])})
+                                   {e.get("name", ""): int(e.get("timeUnixNano", 0)) for e in s.get("events", [])},
+                                   next((a.get("value", {}).get("stringValue", "") for a in s.get("attributes", [])
+                                         if a.get("key") == SERVE_REQUEST_ID), ""))
                                   for s in ss.get("spans", [])]
             else:
                 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -102,16 +108,24 @@ class Sink:
                 for rs in request.resource_spans:
                     for ss in rs.scope_spans:
                         spans += [(s.name, s.trace_id.hex(), s.start_time_unix_nano, s.end_time_unix_nano,
-                                   {e.name: e.time_unix_nano for e in s.events}) for s in ss.spans]
+                                   {e.name: e.time_unix_nano for e in s.events},
+                                   next((a.value.string_value for a in s.attributes if a.key == SERVE_REQUEST_ID), ""))
+                                  for s in ss.spans]
         except Exception:  # counted as a request and bytes; spans unknown
             pass
         with self.lock:
             self.requests += 1
             self.bytes += raw_len
             self.spans += len(spans)
-            for name, trace_id, start, end, events in spans:
+            for name, trace_id, start, end, events, request_id in spans:
                 self.span_names[name] = self.span_names.get(name, 0) + 1
                 self.durations_ms.setdefault(name, []).append((end - start) / 1e6)
+                if name == REPLICA_SPAN:  # a root of its own trace in the LLM replica: joined by request id
+                    if request_id:
+                        self.replica_spans[request_id] = (start, end)
+                    continue
+                if name == "llm.request" and request_id:
+                    self.request_traces[request_id] = trace_id
                 timeline = self.traces.setdefault(trace_id, {})
                 timeline[name] = start
                 if "first_token" in events:
@@ -123,18 +137,30 @@ class Sink:
                     "span_names": dict(self.span_names)}
 
     def breakdown(self) -> dict:
-        """Where a request's time went in the router, from the spans received: per span name its duration
+        """Where a request's time went in the app, from the spans received: per span name its duration
         p50 / p90 (ms), and over traces with a first token, the time from the request span's start to it
         (``request_to_first_token``) and from the replica call's start to it (``replica_call_to_first_token``:
-        the Serve handle call, the LLM replica's own work and the engine's prefill)."""
+        the Serve handle call, the LLM replica's own work and the engine's prefill). Where the LLM replica
+        exported its span too (joined by Serve's request id), that last one in three: ``hop_in`` (the
+        router's handle call until the stream reaches the LLM replica), ``replica_to_first_output`` (chat
+        template, tokenisation, the engine's queue and prefill) and ``hop_back`` (the first output until the
+        router holds it). All on one host's clock."""
         with self.lock:
             durations = {name: list(values) for name, values in self.durations_ms.items()}
+            for request_id, trace_id in self.request_traces.items():  # the LLM replica's span, joined
+                if request_id in self.replica_spans and trace_id in self.traces:
+                    start, end = self.replica_spans[request_id]
+                    self.traces[trace_id].update({"replica_start": start, "replica_first_output": end})
             traces = [dict(t) for t in self.traces.values()]
         pct = lambda values, q: sorted(values)[min(len(values) - 1, int(q / 100 * len(values)))]  # noqa: E731
         out = {name: {"n": len(v), "p50_ms": pct(v, 50), "p90_ms": pct(v, 90)} for name, v in durations.items() if v}
-        for label, since in (("request_to_first_token", "llm.request"),
-                             ("replica_call_to_first_token", "router.replica_call")):
-            values = [(t["first_token"] - t[since]) / 1e6 for t in traces if "first_token" in t and since in t]
+        # A stream's TTFT inside the app, in the order it happens; the last three need the LLM replica's span.
+        for label, since, until in (("request_to_first_token", "llm.request", "first_token"),
+                                    ("replica_call_to_first_token", "router.replica_call", "first_token"),
+                                    ("hop_in", "router.replica_call", "replica_start"),
+                                    ("replica_to_first_output", "replica_start", "replica_first_output"),
+                                    ("hop_back", "replica_first_output", "first_token")):
+            values = [(t[until] - t[since]) / 1e6 for t in traces if until in t and since in t]
             if values:
                 out[label] = {"n": len(values), "p50_ms": pct(values, 50), "p90_ms": pct(values, 90)}
         return out
@@ -300,7 +326,8 @@ def plot(results: list[Result], rows: list[dict], summary: dict, path: Path) -> 
             color=[colours[r["mode"]] for r in rows], alpha=0.45, hatch="//", label="p99")
     ax2.set_xticks(xs, [f"{r['phase']}\n{r['mode']}\n{r['spans']} spans" for r in rows], fontsize=8)
     ax2.set_ylabel("TTFT (ms)")
-    ax2.set_title(f"per phase, in run order (ratio on/off p50 {summary['ratio_on_off_ttft_p50']:.2f})")
+    ratio = summary["ratio_on_off_ttft_p50"]
+    ax2.set_title("per phase, in run order" + (f" (ratio on/off p50 {ratio:.2f})" if ratio is not None else ""))
     ax2.legend(fontsize=8)
     ax2.grid(alpha=0.3, axis="y")
     fig.tight_layout()
@@ -314,10 +341,13 @@ def report(rows: list[dict], summary: dict) -> None:
     print("|---|---|---|---|---|---|---|")
     for mode in ("off", "on"):
         s = summary[mode]
+        if s["ttft_p50_s"] is None:  # no phase of this mode (--replica-spans runs "on" only)
+            continue
         print(f"| {mode} | {s['requests']} | {s['errors']} | {s['ttft_p50_s'] * 1000:.0f} | "
               f"{s['ttft_p99_s'] * 1000:.0f} | {s['out_tok_s']:.1f} | {s['spans']} |")
-    print(f"ratio on/off TTFT p50: {summary['ratio_on_off_ttft_p50']:.3f}; p99: "
-          f"{summary['ratio_on_off_ttft_p99']:.3f}; out tok/s: {summary['ratio_on_off_out_tok_s']:.3f}")
+    if summary["ratio_on_off_ttft_p50"] is not None:
+        print(f"ratio on/off TTFT p50: {summary['ratio_on_off_ttft_p50']:.3f}; p99: "
+              f"{summary['ratio_on_off_ttft_p99']:.3f}; out tok/s: {summary['ratio_on_off_out_tok_s']:.3f}")
     print(f"sink received {summary['sink']['spans']} spans in {summary['sink']['requests']} exports "
           f"({summary['sink']['bytes']} bytes): {summary['sink']['span_names']}")
     print(f"same engine actor in every phase: {summary['engine_kept']}")
@@ -340,7 +370,12 @@ def main() -> None:
     parser.add_argument("--client-timeout", type=float, default=60.0)
     parser.add_argument("--out", type=Path, default=Path("docs/bench/tracing"))
     parser.add_argument("--from-json", type=Path, help="no serving: recompute the summary and plot of a run's JSON")
+    parser.add_argument("--replica-spans", action="store_true",
+                        help="the LLM replicas export their span too (the whole cluster gets the sink's OTEL_* "
+                             "variables, so only --modes on); splits the replica call in the breakdown")
     args = parser.parse_args()
+    if args.replica_spans and set(args.modes.split(",")) != {"on"}:
+        parser.error("--replica-spans: every phase has tracing on (--modes on[,on...])")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.from_json:
         data = json.loads(args.from_json.read_text())
@@ -360,6 +395,8 @@ def main() -> None:
     from ray import serve
 
     sink = Sink()
+    if args.replica_spans:  # before Ray starts: every worker, the LLM replicas' too, inherits it
+        os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = sink.url
     fixed_code_version()
     ray.init(include_dashboard=False, num_cpus=max(4, os.cpu_count() or 1))
     results: list[Result] = []
@@ -395,10 +432,10 @@ def main() -> None:
     summary["sink"] = sink.counts()
     summary["breakdown"] = sink.breakdown()
 
-    report(rows, summary)
     (args.out / "tracing_overhead.json").write_text(json.dumps(
         {"args": {k: str(v) for k, v in vars(args).items()}, "phases": rows, "summary": summary,
          "engine_actors": engines, "results": [asdict(r) for r in results]}, indent=1))
+    report(rows, summary)
     (args.out / "tracing_overhead.md").write_text(table(rows) + "\n")
     plot(results, rows, summary, args.out / "tracing_overhead.png")
 

@@ -41,3 +41,41 @@ def test_refusals_are_counted_by_message_with_numbers_folded():
     rows = summarise(samples)
     assert rows[0]["refused_429"] == 2 and rows[0]["other"] == 1
     assert "2 x 429 tenant B is over its share: wait N s" in table(rows)
+
+
+def _otlp_json(*spans) -> bytes:
+    """An OTLP/HTTP JSON export of ``spans``: (name, trace id, start ms, end ms, events {name: ms}, request id)."""
+    import json
+
+    def one(name, trace_id, start, end, events, request_id):
+        return {"name": name, "traceId": trace_id, "startTimeUnixNano": str(start * 10**6),
+                "endTimeUnixNano": str(end * 10**6),
+                "events": [{"name": n, "timeUnixNano": str(t * 10**6)} for n, t in events.items()],
+                "attributes": [{"key": "serve.request_id", "value": {"stringValue": request_id}}]}
+
+    return json.dumps({"resourceSpans": [{"scopeSpans": [{"spans": [one(*s) for s in spans]}]}]}).encode()
+
+
+def test_the_sink_splits_a_streams_ttft_with_the_llm_replicas_span():
+    from bench.tracing_overhead import Sink
+
+    sink = Sink()
+    try:
+        # The router's export: request 100..160 ms, replica call from 110, first token at 150.
+        sink.record(_otlp_json(("llm.request", "t1", 100, 160, {}, "r1"),
+                               ("router.replica_call", "t1", 110, 150, {"first_token": 150}, "")),
+                    "application/json", "")
+        # The LLM replica's, in another export and its own trace: reached at 114, first output at 146;
+        # and a span of the replica's own warm-up (no Serve request): not joined to anything.
+        sink.record(_otlp_json(("llm_replica.first_output", "x9", 114, 146, {}, "r1"),
+                               ("llm_replica.first_output", "x8", 0, 5, {}, "")),
+                    "application/json", "")
+        split = sink.breakdown()
+    finally:
+        sink.close()
+    assert split["hop_in"]["p50_ms"] == 4
+    assert split["replica_to_first_output"]["p50_ms"] == 32
+    assert split["hop_back"]["p50_ms"] == 4
+    assert split["replica_call_to_first_token"]["p50_ms"] == 40 == 4 + 32 + 4
+    assert split["request_to_first_token"]["p50_ms"] == 50
+    assert split["llm_replica.first_output"]["n"] == 2  # durations keep every span received

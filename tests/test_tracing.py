@@ -5,6 +5,7 @@ continued, and nothing recorded without a configured exporter."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
@@ -119,3 +120,63 @@ def test_without_an_exporter_nothing_records(monkeypatch):
     assert not trace.recording
     trace.begin("router.queue")
     trace.finish(200, "ok")
+
+
+# --- the LLM replica's span -------------------------------------------------------------------------
+
+async def _outputs(items, pause_s: float = 0.0, yielded_ns: list | None = None):
+    for item in items:
+        await asyncio.sleep(pause_s)
+        if yielded_ns is not None:
+            yielded_ns.append(time.time_ns())
+        yield item
+
+
+async def _drain(stream) -> list:
+    return [item async for item in stream]
+
+
+def test_the_replica_span_ends_at_the_first_output_and_the_stream_is_unchanged(spans):
+    yielded_ns: list[int] = []
+    stream = tracing.trace_first_output(_outputs(["a", "b", "c"], pause_s=0.01, yielded_ns=yielded_ns))
+    assert asyncio.run(_drain(stream)) == ["a", "b", "c"]
+    (span,) = spans.get_finished_spans()
+    assert span.name == tracing.REPLICA_FIRST_OUTPUT
+    assert span.attributes[tracing.SERVE_REQUEST_ID] == ""  # outside a Serve request
+    assert "llm.outcome" not in span.attributes
+    assert span.start_time <= yielded_ns[0] <= span.end_time <= yielded_ns[1]  # ended at the first item
+
+
+def test_a_stream_that_ends_without_output_says_so(spans):
+    assert asyncio.run(_drain(tracing.trace_first_output(_outputs([])))) == []
+    (span,) = spans.get_finished_spans()
+    assert span.attributes["llm.outcome"] == "no_output"
+
+
+def test_a_stream_closed_before_its_first_output_ends_its_span(spans):
+    async def close_early():
+        stream = tracing.trace_first_output(_outputs(["a"], pause_s=0.05))
+        task = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await stream.aclose()
+
+    asyncio.run(close_early())
+    (span,) = spans.get_finished_spans()
+    assert span.attributes["llm.outcome"] == "no_output"
+
+
+def test_the_request_span_carries_the_serve_request_id(spans):
+    RequestTrace.start({}, "chat").finish(200, "served")
+    (root,) = spans.get_finished_spans()
+    assert tracing.SERVE_REQUEST_ID in root.attributes
+
+
+def test_without_an_exporter_the_replica_stream_is_not_wrapped(monkeypatch):
+    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    tracing.use_provider(None)
+    outputs = _outputs(["a"])
+    assert tracing.trace_first_output(outputs) is outputs

@@ -19,14 +19,26 @@ set, the API's no-op tracer answers: a span is a shared non-recording object and
 nothing. Tracing never fails a request: every entry point is wrapped.
 
 The replica call is a span of the router's; the span context is not carried into the LLM replica
-(Ray Serve's handle calls do not propagate it without Ray's own tracing hook).
+(Ray Serve's handle calls do not propagate it without Ray's own tracing hook). What is carried is Serve's
+request id (the same in the router and in the LLM replica it calls; Ray Serve LLM also makes it vLLM's
+request id), so the LLM replica's one span, a root span of its own trace, is joined to the request by
+the attribute ``serve.request_id`` that both carry::
+
+    llm_replica.first_output   a stream in the LLM replica: from the handle call reaching it (Ray Serve
+                               LLM's stream hook) until the engine's first output (chat template,
+                               tokenisation, the engine's queue and prefill); ``llm.outcome`` no_output
+                               if the stream ended or was closed before any output
+
+With ``router.replica_call``'s start and ``first_token`` event this splits a stream's TTFT into the
+handle hop in, the LLM replica's and engine's work, and the hop back. The LLM replica exports only when
+its own environment has the ``OTEL_*`` variables (its deployment's ``runtime_env``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Mapping, Optional
+from typing import AsyncIterator, Mapping, Optional, TypeVar
 
 from opentelemetry import propagate, trace
 from opentelemetry.trace import NonRecordingSpan, SpanKind, Status, StatusCode
@@ -36,12 +48,37 @@ logger = logging.getLogger("ray.serve")
 _tracer: Optional[trace.Tracer] = None
 _provider_override = None  # tests: an SDK TracerProvider with an in-memory exporter
 _NOOP_SPAN = NonRecordingSpan(trace.INVALID_SPAN_CONTEXT)
+_service_name = "llm-router"  # OTEL_SERVICE_NAME's default; the LLM replica names itself (use_service_name)
+
+REPLICA_FIRST_OUTPUT = "llm_replica.first_output"
+SERVE_REQUEST_ID = "serve.request_id"
+
+T = TypeVar("T")
 
 
 def use_provider(provider) -> None:
     """Send the router's spans to ``provider`` (tests); None returns to the environment's."""
     global _tracer, _provider_override
     _provider_override, _tracer = provider, None
+
+
+def use_service_name(name: str) -> None:
+    """The ``service.name`` this process's spans get when ``OTEL_SERVICE_NAME`` is unset; call before the
+    first span."""
+    global _service_name
+    _service_name = name
+
+
+def serve_request_id() -> str:
+    """Serve's id of the request this task serves ("" outside one): the same in the router and in the
+    LLM replica it calls, so it joins their spans."""
+    try:
+        from ray.serve import context
+
+        request = context._serve_request_context.get()  # what Ray Serve LLM's get_serve_request_id reads
+        return request.request_id if request is not None else ""
+    except Exception:
+        return ""
 
 
 def _configure_from_env() -> None:
@@ -61,7 +98,7 @@ def _configure_from_env() -> None:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     else:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    resource = Resource.create({"service.name": env.get("OTEL_SERVICE_NAME", "llm-router")})
+    resource = Resource.create({"service.name": env.get("OTEL_SERVICE_NAME", _service_name)})
     provider = TracerProvider(resource=resource)  # OTEL_RESOURCE_ATTRIBUTES, sampler variables: the SDK reads them
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
@@ -97,7 +134,7 @@ class RequestTrace:
         try:
             parent = propagate.extract(headers) if "traceparent" in headers else None
             root = tracer().start_span("llm.request", context=parent, kind=SpanKind.SERVER,
-                                       attributes={"llm.endpoint": endpoint})
+                                       attributes={"llm.endpoint": endpoint, SERVE_REQUEST_ID: serve_request_id()})
             return cls(root)
         except Exception:
             return cls(_NOOP_SPAN)
@@ -159,3 +196,38 @@ class RequestTrace:
             self.root.end()
         except Exception:
             pass
+
+
+def trace_first_output(outputs: AsyncIterator[T]) -> AsyncIterator[T]:
+    """``outputs`` (an LLM replica's engine stream), timed by a ``llm_replica.first_output`` span from
+    this call until its first item (module docstring). Returns ``outputs`` itself while tracing is off,
+    so a stream pays for the wrapper only when spans are recorded."""
+    try:
+        span = tracer().start_span(REPLICA_FIRST_OUTPUT, attributes={SERVE_REQUEST_ID: serve_request_id()})
+    except Exception:
+        return outputs
+    if not span.is_recording():
+        return outputs
+    return _until_first(outputs, span)
+
+
+async def _until_first(outputs: AsyncIterator[T], span) -> AsyncIterator[T]:
+    ended = False
+    try:
+        async for item in outputs:
+            if not ended:
+                ended = True
+                _end_quietly(span, None)
+            yield item
+    finally:
+        if not ended:
+            _end_quietly(span, "no_output")
+
+
+def _end_quietly(span, outcome: Optional[str]) -> None:
+    try:
+        if outcome is not None:
+            span.set_attribute("llm.outcome", outcome)
+        span.end()
+    except Exception:
+        pass

@@ -70,12 +70,15 @@ class EngineSamples:
 
 
 _samples = EngineSamples()
+_generated_at_take = 0  # sum(_generated) at the previous take_samples(): its generated tokens are the difference
 
 
 def take_samples() -> EngineSamples:
     """What was gathered since the previous call; starts a new gathering."""
-    global _samples
+    global _samples, _generated_at_take
     taken, _samples = _samples, EngineSamples()
+    generated = sum(_generated.values())
+    taken.generation_tokens, _generated_at_take = generated - _generated_at_take, generated
     return taken
 
 
@@ -146,8 +149,7 @@ class EngineLoadLogger(StatLoggerBase):
     @staticmethod
     def _record_iteration(iteration_stats, engine_idx: int) -> None:
         generated = int(iteration_stats.num_generation_tokens)
-        _generated[engine_idx] = _generated.get(engine_idx, 0) + generated
-        _samples.generation_tokens += generated
+        _generated[engine_idx] = _generated.get(engine_idx, 0) + generated  # take_samples() derives its delta
         _samples.prompt_tokens += int(getattr(iteration_stats, "num_prompt_tokens", 0) or 0)
         _samples.ttft_s.extend(getattr(iteration_stats, "time_to_first_tokens_iter", None) or ())
         latencies = _step_inter_token_latencies(iteration_stats)

@@ -46,6 +46,7 @@ from ray.serve.llm.deployment import LLMServer
 from deployments.autoscaling.gpu import GpuGroupReading, device_uuids, read_group
 from deployments.config.names import ENGINE_RUNNING, ENGINE_WAITING, GPU_UTILIZATION, KV_CACHE_USAGE, pool_of_deployment
 from deployments.observability import metrics
+from deployments.observability.tracing import trace_first_output, use_service_name
 from deployments.server.engine_load import current_load, step_tpots_since, steps_recorded, take_samples
 from deployments.server.load_report import ReplicaLoad
 from deployments.server.stream_batching import DEFAULT_BATCHES_PER_S, StreamPacer, paced_batches
@@ -79,6 +80,7 @@ class ObservedLLMServer(LLMServer):
 
     async def start(self):
         logger.addFilter(_POLL_FILTER)  # one instance: adding it again is a no-op
+        use_service_name("llm-replica")
         self._add_extension()
         await super().start()
         await self._make_seeded_sampling_safe()
@@ -141,7 +143,10 @@ class ObservedLLMServer(LLMServer):
                         self._unloaded_tpot_s * 1000, len(steps))
 
     def _batch_output_stream(self, generator):
-        """Ray Serve LLM's hook for merging a stream's outputs: ours paced by load (module docstring)."""
+        """Ray Serve LLM's hook for merging a stream's outputs: ours paced by load (module docstring).
+        Called as the stream's request reaches this replica, so it also starts the replica's
+        first-output span (deployments/observability/tracing.py; the generator itself when tracing is off)."""
+        generator = trace_first_output(generator)
         configs = self._llm_config.experimental_configs
         if configs.get("stream_batching_interval_ms") is not None:
             return super()._batch_output_stream(generator)
@@ -189,12 +194,16 @@ class ObservedLLMServer(LLMServer):
         pool, replica = _metric_identity()
         while True:
             await asyncio.sleep(metrics.ENGINE_EXPORT_S)
-            load = current_load()
-            if self._unfinished_requests() == 0:
-                # vLLM reports load only with a step's outputs: after the last requests were aborted the
-                # scheduler's figures stay at that step's. The frontend knows nothing is left.
-                load = replace(load, running=0, waiting=0)
-            metrics.engine_series(pool, replica, load, take_samples())  # never raises
+            try:  # an export must never end the loop (or take the replica down)
+                load = current_load()
+                if self._unfinished_requests() == 0:
+                    # vLLM reports load only with a step's outputs: after the last requests were aborted
+                    # the scheduler's figures stay at that step's. The frontend knows nothing is left.
+                    load = replace(load, running=0, waiting=0)
+                metrics.engine_series(pool, replica, load, take_samples())
+            except Exception:
+                logger.warning("engine series export failed; trying again in %ss", metrics.ENGINE_EXPORT_S,
+                               exc_info=True)
 
     async def engine_load(self) -> ReplicaLoad:
         """vLLM's running / waiting requests and KV-cache usage on this replica, its GPU group's latest
