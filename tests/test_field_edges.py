@@ -283,7 +283,7 @@ COMBINATIONS: dict[str, tuple[str, dict]] = {
     "prompt_logprobs+echo+n": (COMPLETIONS, {"prompt_logprobs": 2, "echo": True, "n": 2}),
     "prompt_logprobs+token-ids": (COMPLETIONS, {"prompt_logprobs": 1, "prompt": [VOCAB - 1, 0, EOS]}),
     "prompt_logprobs+stream": (COMPLETIONS, {"prompt_logprobs": 1, "stream": True}),
-    "token-ids-batch+n": (COMPLETIONS, {"prompt": [[1, 2], [3, 4], [EOS]], "n": 2}),
+    "token-ids-batch+n": (COMPLETIONS, {"prompt": [[1, 2], [EOS]], "n": 2}),  # 4 sequences: max_n
     "token-ids+truncate": (COMPLETIONS, {"prompt": list(range(100)), "truncate_prompt_tokens": 10}),
     "truncate-0": (COMPLETIONS, {"prompt": "Hello there", "truncate_prompt_tokens": 0}),
     "string-batch+seed": (COMPLETIONS, {"prompt": ["a", "b", "c"], "seed": 8, "temperature": 1.0}),

@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 import torch
 
+from deployments.router.errors import ApplicationErrors, replace_application_error_middleware
 from deployments.router.live_settings import publish
 from deployments.router.settings import RouterSettings
 from deployments.router.json_body import JsonBody, as_json_request, declares_json, json_problem
 from deployments.router.request_models import CompletionRequest
-from deployments.router.tokens import render_message, text_parts
+from deployments.router.tokens import PromptTokenCounter, PromptTokens, max_token_bytes, render_message, text_parts
 from deployments.server.worker_extension import (
     EXTENSION_QUALNAME, GPU_UUID_RPC, SEEDED_SAMPLING_RPC, WorkerExtension, extension_kwargs,
 )
@@ -122,6 +123,68 @@ def test_completion_n_null_means_one(given, expected):
     assert CompletionRequest.model_validate({"model": "m", "prompt": "hi", **given}).n == expected
 
 
+# --- the last application-error layer (errors.ApplicationErrors) -----------------------------------
+
+def _run_app(app, sent: list[dict] | None = None) -> list[dict]:
+    scope = {"type": "http", "method": "GET", "path": "/", "headers": [(b"x-request-id", b"r1")],
+             "query_string": b""}
+    sent = [] if sent is None else sent
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(ApplicationErrors(app)(scope, receive, send))
+    return sent
+
+
+def test_an_uncaught_exception_is_an_openai_500_without_its_text():
+    async def app(scope, receive, send):
+        raise RuntimeError("secret internals")
+
+    sent = _run_app(app)
+    error = json.loads(sent[1]["body"])["error"]
+    assert sent[0]["status"] == 500 and error["type"] == "server_error" and "secret" not in error["message"]
+
+
+def test_an_exception_with_a_status_keeps_it():
+    class Teapot(Exception):
+        status_code = 418
+
+    async def app(scope, receive, send):
+        raise Teapot("short and stout")
+
+    sent = _run_app(app)
+    assert sent[0]["status"] == 418 and "short and stout" in json.loads(sent[1]["body"])["error"]["message"]
+
+
+def test_an_exception_after_the_response_started_propagates_and_chunks_pass_unchanged():
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True})
+        raise RuntimeError("mid-stream")
+
+    sent: list[dict] = []
+    with pytest.raises(RuntimeError):
+        _run_app(app, sent)
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert sent[1]["body"] == b"data: 1\n\n"
+
+
+def test_ray_serve_llms_error_layer_is_replaced_in_place():
+    from ray.llm._internal.serve.core.ingress.ingress import init
+    from starlette.middleware.base import BaseHTTPMiddleware
+
+    app = init()
+    before = [m.cls for m in app.user_middleware]
+    assert replace_application_error_middleware(app)
+    after = [m.cls for m in app.user_middleware]
+    assert BaseHTTPMiddleware not in after and after[before.index(BaseHTTPMiddleware)] is ApplicationErrors
+    assert not replace_application_error_middleware(app)  # nothing left to replace
+
+
 # --- prompt rendering for the token count ------------------------------------
 
 TWO_PARTS = [{"type": "text", "text": "What is the capital"}, {"type": "text", "text": " of France?"}]
@@ -154,6 +217,58 @@ def test_text_like_parts_and_null_texts():
                {"type": "input_text", "text": "in"}, {"type": "image_url", "image_url": {"url": "x"}}]
     assert text_parts(content) == ["plain", "no", "in"]
     assert text_parts(None) == [] and text_parts("s") == ["s"]
+
+
+def test_a_completions_batch_counts_every_prompt():
+    counter = PromptTokenCounter.__new__(PromptTokenCounter)  # no tokenizer: one token per word
+    counter._count = lambda text: len(text.split())
+    assert counter.completion("a b c") == PromptTokens(3, 3, 1)
+    assert counter.completion([5, 6, 7, 8]) == PromptTokens(4, 4, 1)  # token ids: one prompt
+    assert counter.completion(["a b", "c d e"]) == PromptTokens(3, 5, 2)  # classified by 3, usage 5
+    assert counter.completion([[1, 2], [3]]) == PromptTokens(2, 3, 2)
+    assert counter.completion([]) == PromptTokens(0, 0, 1)
+
+
+class _NoEncoding:
+    """A tokenizer (one token per character) that must not be asked to encode a long text (refused from
+    its size)."""
+    chat_template = None
+
+    def apply_chat_template(self, conversation, **kwargs):
+        return "".join(m["content"] for m in conversation)
+
+    def encode(self, text, **kwargs):
+        assert len(text) <= 100, f"tokenised {len(text)} characters"
+        return list(text)
+
+
+def _counter(tokenizer, context_limit: int, max_token_bytes: int) -> PromptTokenCounter:
+    counter = PromptTokenCounter.__new__(PromptTokenCounter)
+    counter._tokenizer, counter._content_format = tokenizer, "string"
+    counter._context_limit, counter._max_token_bytes = context_limit, max_token_bytes
+    return counter
+
+
+def test_a_text_too_large_for_any_context_is_not_tokenised():
+    counter = _counter(_NoEncoding(), context_limit=100, max_token_bytes=4)
+    counted = counter.chat([{"role": "user", "content": "x" * 10_000}])
+    assert counted == PromptTokens(1250, 1250, 1, exact=False)  # 10,000 bytes / (2 x 4): at least 1,250
+    assert counter.completion("é" * 5_000).exact is False  # 10,000 bytes too
+    assert counter.completion(["a", "x" * 10_000]) == PromptTokens(1250, 1250, 2, exact=False)
+
+
+def test_a_text_that_might_fit_is_counted_exactly():
+    counter = _counter(_NoEncoding(), context_limit=100, max_token_bytes=4)
+    counter._tokenizer.encode = lambda text, **kwargs: text.split()
+    assert counter.chat([{"role": "user", "content": "a b c " * 100}]) == PromptTokens(300, 300, 1)  # 600 bytes
+
+
+def test_max_token_bytes_is_the_longest_token_in_bytes():
+    class Vocab:
+        def get_vocab(self):
+            return {"a": 0, "Ġthe": 1, "<|im_start|>": 2, "巴黎": 3}
+
+    assert max_token_bytes(Vocab()) == len("<|im_start|>")
 
 
 # --- seeded sampling on CPU generators ---------------------------------------
@@ -257,7 +372,15 @@ def test_gpu_group_reading_is_absent_without_nvml_gpus():
     ("Requested sample logprobs of 100, which is greater than max allowed: 20 (parameter=logprobs, value=100)",
      "Requested sample logprobs of 100, which is greater than max allowed: 20 (parameter=logprobs, value=100)",
      "logprobs"),
-    ("top_k must be 0 (disable), or at least 1, got -5.", "top_k must be 0 (disable), or at least 1, got -5.", None),
+    # No (parameter=...) marker: the first request field the message names (a fresh-eye trial found these
+    # with param null).
+    ("top_k must be 0 (disable), or at least 1, got -5.", "top_k must be 0 (disable), or at least 1, got -5.",
+     "top_k"),
+    ("min_tokens must be less than or equal to max_tokens=5, got 100.",
+     "min_tokens must be less than or equal to max_tokens=5, got 100.", "min_tokens"),
+    ("Prompt cannot be empty", "Prompt cannot be empty", "prompt"),
+    ("Grammar error: unknown type 'nonsense'", "Grammar error: unknown type 'nonsense'", None),
+    ("The model answered with a stream error", "The model answered with a stream error", None),  # a prose word
 ])
 def test_an_engine_error_reads_once_without_exception_classes_and_names_its_field(raw, message, param):
     from deployments.router.errors import readable

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from deployments.router.admission import admit, decide_max_tokens
+from deployments.router.admission import admit, decide_max_tokens, sequences
 from deployments.router.circuit_breaker import CircuitBreaker, CircuitState
 from deployments.router.classification import Classification, class_by_length, classify
 from deployments.router.scheduler import (
@@ -118,6 +118,20 @@ def test_sampling_defaults_fill_only_unset_fields():
 def test_out_of_range_values_are_400(fields, param):
     problem = admit(fields, 10, 2048, ADM)
     assert isinstance(problem, RequestProblem) and problem.param == param and problem.status == 400
+
+
+@pytest.mark.parametrize("prompts, n, refused", [(1, 4, False), (2, 2, False), (4, None, False),
+                                                 (5, None, True), (2, 3, True), (64, 1, True)])
+def test_a_completions_batch_counts_its_prompts_times_n_against_max_n(prompts, n, refused):
+    problem = admit({"prompts": prompts, "n": n}, 10, 2048, ADM)
+    assert isinstance(problem, RequestProblem) == refused
+    if refused:
+        assert problem.param == "prompt" and problem.status == 400
+        assert f"{prompts} prompts" in problem.message and "separate requests" in problem.message
+
+
+def test_sequences_are_prompts_times_n():
+    assert sequences({}) == 1 and sequences({"n": 3}) == 3 and sequences({"prompts": 2, "n": 2}) == 4
 
 
 def test_edges_at_the_limits_are_accepted():

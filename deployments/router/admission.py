@@ -20,6 +20,12 @@ class Admitted:
     updates: dict[str, Any] = field(default_factory=dict)
 
 
+def sequences(fields: Mapping[str, Any]) -> int:
+    """How many sequences the engine runs for a request: its prompts (a completions batch has several;
+    ``fields["prompts"]``, 1 when absent) times ``n``. Each may produce ``max_tokens``."""
+    return (fields.get("prompts") or 1) * (fields.get("n") or 1)
+
+
 def check_sampling_ranges(fields: Mapping[str, Any], settings: AdmissionSettings) -> RequestProblem | None:
     temperature, top_p = fields.get("temperature"), fields.get("top_p")
     n, penalty = fields.get("n"), fields.get("repetition_penalty")
@@ -29,6 +35,14 @@ def check_sampling_ranges(fields: Mapping[str, Any], settings: AdmissionSettings
         return RequestProblem(f"top_p must be in (0, 1]; got {top_p}", "top_p")
     if n is not None and not 1 <= n <= settings.max_n:
         return RequestProblem(f"n must be between 1 and {settings.max_n}; got {n}", "n")
+    prompts = fields.get("prompts") or 1
+    if prompts > 1 and sequences(fields) > settings.max_n:
+        # The router admits, queues and paces requests, each a few sequences at most: a batch of many
+        # prompts would run as many streams as that many requests while holding one slot.
+        return RequestProblem(
+            f"a request may run at most {settings.max_n} sequences (prompts x n); this one asks for "
+            f"{sequences(fields)} ({prompts} prompts x n {n or 1}): send the prompts as separate requests",
+            "prompt")
     if penalty is not None and penalty <= 0:
         return RequestProblem(f"repetition_penalty must be positive; got {penalty}", "repetition_penalty")
     return None

@@ -31,12 +31,13 @@ from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard
 from deployments.config.names import ROUTER_QUEUED, router_queued_metric
 from deployments.observability import metrics
 from deployments.observability.tracing import RequestTrace
-from deployments.router.admission import admit
+from deployments.router.admission import admit, sequences
 from deployments.router.budgets import TIMEOUT_HEADER, decide_budgets
 from deployments.router.cancellation import TrackingHandle
 from deployments.router.classification import PRIORITY_HEADER, classify
 from deployments.router.dispatch import RequestLife, RequestPlan
-from deployments.router.errors import install_openai_error_handlers, openai_error
+from deployments.router.errors import (install_openai_error_handlers, openai_error,
+                                      replace_application_error_middleware)
 from deployments.router import openapi
 from deployments.router.json_body import JsonBody
 from deployments.router.pool import PoolState
@@ -50,7 +51,7 @@ from deployments.router.tenants import ApiKeyAuth, TenantGate, rate_limited, una
 from deployments.tenancy.fairness import cost
 from deployments.tenancy.ledger import RateLimited
 from deployments.tenancy.tenants import AuthFailure
-from deployments.router.tokens import PromptTokenCounter
+from deployments.router.tokens import PromptTokenCounter, PromptTokens
 from deployments.router.websocket import serve_chat_socket
 from deployments import web
 from deployments.router.validation import (RequestProblem, check_chat_messages, check_chat_template_kwargs,
@@ -92,7 +93,7 @@ class Router(OpenAiIngress):
         """``pool_routes``: the pools in routing order; ``queue_overrides``: per pool, its profile's
         ``router_queues`` (merged over the settings' queues on every reconfigure)."""
         super().__init__(llm_deployments, model_cards, **kwargs)
-        self._tokens = PromptTokenCounter(tokenizer_source)
+        self._tokens = PromptTokenCounter(tokenizer_source, max(route.max_model_len for route in pool_routes))
         self._replica_id = serve.get_replica_context().replica_id.unique_id
         self._tenants = TenantGate(tenant_ledger, self._replica_id)
         self._queue_overrides = queue_overrides
@@ -221,7 +222,8 @@ class Router(OpenAiIngress):
 
     # --- the pipeline ------------------------------------------------------------
 
-    async def _serve(self, body, request: Request, call_method: str, count_tokens: Callable[[], int]) -> Response:
+    async def _serve(self, body, request: Request, call_method: str,
+                     count_tokens: Callable[[], PromptTokens]) -> Response:
         arrived_at = time.monotonic()
         self._start_background()
         try:  # the HTTP middleware checked it already; a WebSocket turn's key is checked here
@@ -237,10 +239,10 @@ class Router(OpenAiIngress):
             trace.finish(problem.status, "invalid_token_ids")
             return _problem_response(problem, "invalid_token_ids")
         # Tokenising a 1 MB prompt takes a while; keep the event loop free.
-        prompt_tokens = await asyncio.to_thread(count_tokens)
-        planned = self._plan(body, request, prompt_tokens, arrived_at, caller)
+        prompt = await asyncio.to_thread(count_tokens)
+        planned = self._plan(body, request, prompt, arrived_at, caller)
         if isinstance(planned, RequestProblem):
-            trace.finish(planned.status, "invalid_request", **{"llm.prompt_tokens": prompt_tokens})
+            trace.finish(planned.status, "invalid_request", **{"llm.prompt_tokens": prompt.total})
             return _problem_response(planned, None)  # counted where _plan found it
         body, plan = planned
         use = await self._tenants.admit(caller, plan.tokens_reserved)
@@ -251,20 +253,31 @@ class Router(OpenAiIngress):
         for pool in self._pools.values():
             pool.scheduler.set_sharing(self._tenants.fair, self._tenants.reserve)  # the tenants file may have changed
         trace.end("router.plan")
-        trace.set(**{"llm.class": plan.cls.label, "llm.pool": plan.pool, "llm.prompt_tokens": prompt_tokens,
+        trace.set(**{"llm.class": plan.cls.label, "llm.pool": plan.pool, "llm.prompt_tokens": prompt.total,
                      "llm.max_tokens": plan.max_tokens, "llm.stream": plan.stream})
         plan.trace = trace
         _CHOSEN_POOL.set(plan.pool)
         return await RequestLife(plan, self._pools[plan.pool]).run(
             lambda: self._process_llm_request(body, call_method=call_method, raw_request=request))
 
-    def _plan(self, body, request: Request, prompt_tokens: int, arrived_at: float, caller=None):
-        """(the body to send, its RequestPlan), or the RequestProblem that answers it with a 4xx."""
+    def _plan(self, body, request: Request, prompt: PromptTokens, arrived_at: float, caller=None):
+        """(the body to send, its RequestPlan), or the RequestProblem that answers it with a 4xx.
+
+        A completions batch is classified, and each of its sequences fits the context, by its longest
+        prompt; it reserves and reports (``x-prompt-tokens``, as vLLM's usage) all its prompts' tokens, and
+        counts as ``prompts × n`` sequences against ``max_n``."""
+        prompt_tokens = prompt.longest
+        if not prompt.exact:  # too large to tokenise for any pool: refused from its size
+            return _counted(RequestProblem(
+                f"prompt has at least {prompt_tokens} tokens (from its size), beyond the model's context of "
+                f"{max(route.max_model_len for route in self._routes)} tokens",
+                "messages" if hasattr(body, "messages") else "prompt"), "admission")
         classification = classify(prompt_tokens, request.headers.get(PRIORITY_HEADER), self._settings.classification)
         if isinstance(classification, RequestProblem):
             return _counted(classification, "classification")
         cls, lowered = self._tenants.cap_class(caller, classification.priority)
         fields = {name: getattr(body, name, None) for name in SAMPLING_FIELDS}
+        fields["prompts"] = prompt.prompts
         completion_cap = getattr(body, "max_completion_tokens", None)  # 0 is a value to refuse, not unset
         fields["max_tokens"] = body.max_tokens if completion_cap is None else completion_cap
         admission = self._settings.admission
@@ -286,12 +299,12 @@ class Router(OpenAiIngress):
         # No x-request-id here: Serve's proxy puts its own on every response (the same id).
         headers = {"x-router-replica": self._replica_id,
                    "x-priority-class": cls.label,
-                   "x-llm-pool": pool.route.name, "x-prompt-tokens": str(prompt_tokens),
+                   "x-llm-pool": pool.route.name, "x-prompt-tokens": str(prompt.total),
                    "x-max-tokens-applied": str(admitted.max_tokens), **lowered}
-        choices = fields.get("n") or 1
+        choices = sequences(fields)
         plan = RequestPlan(cls=cls, pool=pool.route.name, max_tokens=admitted.max_tokens, budgets=budgets,
-                           stream=bool(getattr(body, "stream", False)), headers=headers, prompt_tokens=prompt_tokens,
-                           cost=cost(prompt_tokens, admitted.max_tokens * choices), choices=choices)
+                           stream=bool(getattr(body, "stream", False)), headers=headers, prompt_tokens=prompt.total,
+                           cost=cost(prompt.total, admitted.max_tokens * choices), choices=choices)
         return body.model_copy(update=updates), plan
 
 
@@ -319,6 +332,8 @@ def router_ingress_class() -> type:
     replica's current settings per request (router/live_settings.py)."""
     app = init()  # ray.serve.llm's app: request ids, CORS, HTTP metrics, error middleware
     _restrict_cors(app)
+    if not replace_application_error_middleware(app):
+        logger.info("Ray Serve LLM's app has no BaseHTTPMiddleware error layer to replace; kept as it is")
     install_openai_error_handlers(app)
     openapi.without_validation_422(app)
     # Outermost of ours: an unauthenticated request costs nothing, not even reading its body.

@@ -19,11 +19,39 @@ text content, not an approximation of it:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 # vLLM's text-like content part types and the key that holds their text.
 TEXT_PART_KEYS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal",
                   "thinking": "thinking"}
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """A request's prompt in tokens. ``longest``: its longest prompt, which classifies it and must fit each
+    sequence's context; ``total``: what the engine prefills and reports as ``usage.prompt_tokens`` (a
+    completions batch sums its prompts); ``prompts``: how many prompts (a completions batch has several,
+    each run as its own sequences)."""
+
+    longest: int
+    total: int
+    prompts: int = 1
+    # False: a text too large to fit any pool's context was not tokenised; the counts are a lower bound
+    # from its size (PromptTokenCounter's context_limit).
+    exact: bool = True
+
+    @classmethod
+    def one(cls, tokens: int) -> "PromptTokens":
+        return cls(tokens, tokens, 1)
+
+
+class _BeyondContext(Exception):
+    """A text whose size alone puts it beyond the context limit: ``at_least`` tokens."""
+
+    def __init__(self, at_least: int):
+        super().__init__(at_least)
+        self.at_least = at_least
 
 
 def detect_content_format(chat_template: str | None) -> str:
@@ -86,19 +114,36 @@ def model_vocab_size(tokenizer, source: str) -> int:
     return size
 
 
+def max_token_bytes(tokenizer) -> int:
+    """The most UTF-8 bytes of any token's text in ``tokenizer``'s vocabulary (added tokens included): no
+    token covers more of a text, so a text of B bytes has at least B / this many tokens."""
+    return max((len(token.encode("utf-8", "surrogatepass")) for token in tokenizer.get_vocab()), default=1) or 1
+
+
 class PromptTokenCounter:
-    def __init__(self, tokenizer_source: str):
+    """``context_limit``: the largest context any pool takes (tokens). A text whose size alone puts it
+    beyond that is not tokenised (a 4 MB prompt took the router 6.8 s of CPU to refuse): its counts are
+    then a lower bound, ``PromptTokens.exact`` False."""
+
+    def __init__(self, tokenizer_source: str, context_limit: int | None = None):
         from transformers import AutoTokenizer  # heavy; only in the router replica
 
         self._tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
         self.vocab_size = model_vocab_size(self._tokenizer, tokenizer_source)
         self._content_format = detect_content_format(getattr(self._tokenizer, "chat_template", None))
+        self._context_limit = context_limit
+        self._max_token_bytes = max_token_bytes(self._tokenizer) if context_limit else 1
 
     def _count(self, text: str) -> int:
+        if self._context_limit and len(text) > self._context_limit:  # only then is the size worth a look
+            # Halved: a tokenizer's normaliser may shorten a text a little before it is split.
+            at_least = len(text.encode("utf-8", "surrogatepass")) // (2 * self._max_token_bytes)
+            if at_least > self._context_limit:
+                raise _BeyondContext(at_least)
         return len(self._tokenizer.encode(text, add_special_tokens=False))
 
     def chat(self, messages: Iterable[Mapping[str, Any]], *, add_generation_prompt: bool = True,
-             continue_final_message: bool = False) -> int:
+             continue_final_message: bool = False) -> PromptTokens:
         conversation = [render_message(m, self._content_format) for m in messages]
         try:
             text = self._tokenizer.apply_chat_template(
@@ -107,14 +152,25 @@ class PromptTokenCounter:
         except Exception:
             # A template that rejects this shape (e.g. tool turns) still gets a fair count.
             text = "\n".join("\n".join(text_parts(m.get("content"))) for m in messages)
-        return self._count(text)
+        try:
+            return PromptTokens.one(self._count(text))
+        except _BeyondContext as beyond:
+            return PromptTokens(beyond.at_least, beyond.at_least, 1, exact=False)
 
-    def completion(self, prompt: Any) -> int:
-        """str, list of str, token ids, or list of token-id lists: the longest prompt counts."""
+    def completion(self, prompt: Any) -> PromptTokens:
+        """str, list of str, token ids, or list of token-id lists (a batch: one prompt per item)."""
+        try:
+            return self._completion(prompt)
+        except _BeyondContext as beyond:
+            prompts = len(prompt) if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) else 1
+            return PromptTokens(beyond.at_least, beyond.at_least, prompts, exact=False)
+
+    def _completion(self, prompt: Any) -> PromptTokens:
         if isinstance(prompt, str):
-            return self._count(prompt)
+            return PromptTokens.one(self._count(prompt))
         if not prompt:
-            return 0
+            return PromptTokens.one(0)
         if all(isinstance(t, int) for t in prompt):
-            return len(prompt)
-        return max(self.completion(p) for p in prompt)
+            return PromptTokens.one(len(prompt))
+        counts = [self._completion(p).longest for p in prompt]
+        return PromptTokens(max(counts), sum(counts), len(counts))
