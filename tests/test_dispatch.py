@@ -362,7 +362,8 @@ def test_two_router_replicas_each_keep_half_of_the_pools_window():
 
 def test_a_client_deadline_the_request_could_not_meet_is_refused_before_any_engine_work():
     pool = make_pool(window=4)
-    measured(pool, 0.08)  # the engine decodes a token every 80 ms: 100 tokens take 8 s
+    pool._unloaded_tpot_s = 0.02  # alone 100 tokens take 2 s: the 5 s timeout could be met on an idle engine
+    measured(pool, 0.08)  # but the engine now decodes a token every 80 ms: 100 tokens take 8 s
 
     async def never():
         raise AssertionError("the replica must not be called")
@@ -372,6 +373,21 @@ def test_a_client_deadline_the_request_could_not_meet_is_refused_before_any_engi
     assert status == 429 and "X-Request-Timeout" in message
     assert run(RequestLife(plan(pool, timeout="5", max_tokens=10), pool).run(
         lambda: asyncio.sleep(0, JSONResponse({})))).status_code == 200  # 0.8 s fits
+
+
+@pytest.mark.parametrize("timeout, shown", [("5", "5.0s"), ("0.3", "0.3s"), ("0.001", "0.0s"), ("12.4", "12s")])
+def test_a_client_deadline_shorter_than_the_engine_alone_needs_is_400_not_429(timeout, shown):
+    pool = make_pool(window=4)
+    pool._unloaded_tpot_s = 0.08  # alone, 100 tokens take 8 s: no wait or retry could fit them in less
+
+    async def never():
+        raise AssertionError("the replica must not be called")
+
+    response = run(RequestLife(plan(pool, timeout=timeout, max_tokens=200), pool).run(never))
+    status, message = status_and_message(response)
+    assert status == 400 and f"X-Request-Timeout of {shown} is shorter" in message and "16s" in message
+    assert json.loads(response.body)["error"]["param"] == "x-request-timeout"
+    assert "retry-after" not in response.headers
 
 
 def test_a_burst_on_an_engine_with_headroom_queues_for_the_growing_window_instead_of_429():

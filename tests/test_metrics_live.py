@@ -117,7 +117,7 @@ MAIN_HIGH = 'pool="main",class="high"'
 QUERIES = {
     "400": f'{R}requests_total{{outcome="400"}}',
     "413": f'{R}requests_total{{outcome="413"}}',
-    "429": f'{R}requests_total{{outcome="429",{MAIN_HIGH},reason="client_timeout_forecast"}}',
+    "timeout_too_short": f'{R}requests_total{{outcome="400",{MAIN_HIGH},reason="client_timeout_too_short"}}',
     "served": f'{R}requests_total{{outcome="200",{MAIN_HIGH},reason="ok"}}',
     "gone": f'{R}requests_total{{outcome="499",{MAIN_HIGH},reason="client_gone"}}',
     "prompt_tokens": f"{R}prompt_tokens_total{{{MAIN_HIGH}}}",
@@ -157,7 +157,7 @@ def test_prometheus_sees_what_the_traffic_caused(prometheus, base_url, model_id,
     prometheus.wait(scraped_since, settle_s, "a scrape after one report interval")
     before = _counters(prometheus, QUERIES)
 
-    seen = {"400": 0, "413": 0, "429": 0, "served": 0, "gone": 0}
+    seen = {"400": 0, "413": 0, "timeout_too_short": 0, "served": 0, "gone": 0}
     prompt_tokens = output_tokens = 0
     chat = lambda **kw: client.chat.completions.with_raw_response.create(model=model_id, **kw)  # noqa: E731
     hello = [{"role": "user", "content": "Name a colour."}]
@@ -173,11 +173,13 @@ def test_prometheus_sees_what_the_traffic_caused(prometheus, base_url, model_id,
         chat(messages=[{"role": "user", "content": "x" * (4 * 1024 * 1024 + 1)}], max_tokens=2)
     assert too_large.value.status_code == 413
     seen["413"] += 1
-    # 429s: a client timeout no generation of 1000 tokens could meet, refused before any engine work.
+    # A client timeout no generation of 1000 tokens could meet even alone: 400 before any engine work,
+    # counted by its pool and class (it was planned) and among the 400s.
     for _ in range(2):
-        with pytest.raises(openai.RateLimitError):
+        with pytest.raises(openai.BadRequestError):
             chat(messages=hello, max_tokens=1000, extra_headers={"X-Request-Timeout": "2"})
-        seen["429"] += 1
+        seen["timeout_too_short"] += 1
+        seen["400"] += 1
     # Served whole answers, then streams that ask for their usage.
     for _ in range(3):
         raw = chat(messages=hello, max_tokens=6)
@@ -207,7 +209,8 @@ def test_prometheus_sees_what_the_traffic_caused(prometheus, base_url, model_id,
     seen["gone"] += 1
 
     expected = {
-        "400": seen["400"], "413": seen["413"], "429": seen["429"], "served": seen["served"], "gone": seen["gone"],
+        "400": seen["400"], "413": seen["413"], "timeout_too_short": seen["timeout_too_short"],
+        "served": seen["served"], "gone": seen["gone"],
         "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
         "queue_wait": seen["served"] + seen["gone"],  # every request that took a slot
         "ttft": 2, "tpot": streams_past_one_token,  # the served streams

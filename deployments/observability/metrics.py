@@ -110,6 +110,8 @@ REASONS = frozenset({
     # 400 / 413 at the door
     "body_too_large", "invalid_json", "strict_json", "schema", "http_error", "invalid_messages",
     "invalid_token_ids", "classification", "admission", "timeout_header",
+    # 400 once planned: an X-Request-Timeout shorter than the request needs with the engine to itself
+    "client_timeout_too_short",
     # 408: the body stalled
     "body_timeout",
     # 401 / 429 for the caller's key and tier

@@ -39,7 +39,7 @@ from ray.llm._internal.serve.core.configs.openai_api_models import OpenAIHTTPExc
 
 from deployments.observability import metrics
 from deployments.observability.tracing import RequestTrace
-from deployments.router.budgets import Budgets
+from deployments.router.budgets import TIMEOUT_HEADER, Budgets
 from deployments.router.cancellation import CallTracker
 from deployments.router.errors import openai_error, readable, sse_error_event
 from deployments.router.forecast import admits
@@ -74,6 +74,12 @@ class RequestPlan:
     def tokens_reserved(self) -> int:
         """The most tokens it may use: its prompt and, per choice, max_tokens (the tenant's quota takes these)."""
         return self.prompt_tokens + self.max_tokens * self.choices
+
+
+def _seconds(value: float) -> str:
+    """A duration for a message: whole seconds from 10 s, else to a tenth, never below 0 ("0.3s", "30s")."""
+    value = max(0.0, value)
+    return f"{value:.0f}s" if value >= 10 else f"{value:.1f}s"
 
 
 def engine_error_in(chunk: str) -> tuple[int, str] | None:
@@ -224,12 +230,21 @@ class RequestLife:
             reason, retry_after = unavailable
             return self._error(503, reason, reason="circuit_open" if getattr(self.pool, "ready", True) else "loading",
                                **{"retry-after": str(retry_after)})
-        forecast = self.pool.forecast(self.plan.cls, self.plan.max_tokens, self._tenant)
         budgets, now, within = self.plan.budgets, self._clock(), self._settings.admit_within
+        if budgets.end_by is not None:
+            # No wait or retry makes an engine faster than it is alone: a 400 the client can act on, not a 429.
+            alone_s = self.pool.alone_s(self.plan.max_tokens)
+            if alone_s is not None and alone_s > budgets.end_by - budgets.arrived_at:
+                return self._error(
+                    400, f"X-Request-Timeout of {_seconds(budgets.end_by - budgets.arrived_at)} is shorter than "
+                         f"this request needs with the engine to itself: about {_seconds(alone_s)} to generate "
+                         f"max_tokens {self.plan.max_tokens}; raise the timeout or lower max_tokens",
+                    param=TIMEOUT_HEADER, reason="client_timeout_too_short")
+        forecast = self.pool.forecast(self.plan.cls, self.plan.max_tokens, self._tenant)
         if not admits(forecast, budgets.start_by - now, within):
             return self._error(
                 429, f"the {self.plan.cls.label} class would wait about {forecast.seconds:.1f}s to start, beyond "
-                     f"its start deadline of {budgets.start_by - now:.0f}s; retry later",
+                     f"its start deadline of {_seconds(budgets.start_by - now)}; retry later",
                 reason="predicted_wait", **{"retry-after": str(forecast.retry_after_s)})
         if budgets.end_by is not None:
             # The client's own deadline bounds the whole request: refuse now what could not finish
@@ -240,7 +255,7 @@ class RequestLife:
             if finish_s > within * (budgets.end_by - now):
                 return self._error(
                     429, f"this request would take at least {finish_s:.1f}s (wait and generation), beyond its "
-                         f"X-Request-Timeout of {budgets.end_by - budgets.arrived_at:.0f}s; retry later",
+                         f"X-Request-Timeout of {_seconds(budgets.end_by - budgets.arrived_at)}; retry later",
                     reason="client_timeout_forecast", **{"retry-after": str(forecast.retry_after_s)})
         return None
 

@@ -166,6 +166,14 @@ class PoolState:
             tpot = max(tpot, self.window.tpot_at(batch) or 0.0)
         return max_tokens * tpot
 
+    def alone_s(self, max_tokens: int) -> float | None:
+        """Seconds to generate ``max_tokens`` at the fastest TPOT this pool is known to reach: the unloaded
+        TPOT a replica measured at warm-up, or the last measured one if faster. Less than this, no wait or
+        retry can give a request. None before either is known (a guess from the SLO would refuse requests
+        the engine could serve)."""
+        known = [tpot for tpot in (self._unloaded_tpot_s, self._last_tpot_s) if tpot]
+        return max_tokens * min(known) if known else None
+
     def forecast(self, cls: PriorityClass, max_tokens: int, tenant: str = "") -> WaitForecast:
         """Predicted wait for a slot of a new request of ``cls``, among requests like it.
 
