@@ -86,6 +86,8 @@ def test_int64_edges_and_text_format_still_parse():
     ("/v1/completions", {"model": "m", "prompt": "Hi", "echo": 1}, "echo"),
     # vLLM's raw-body validator fails on these with a TypeError; the 400 named no param (a fresh-eye trial)
     ("/v1/chat/completions", {"model": "m", "messages": None}, "messages"),
+    # an integer the engine cannot carry: named in the message, but param was null (session 15's trial)
+    ("/v1/chat/completions", {**CHAT, "seed": 2**70}, "seed"),
 ])
 def test_vllms_own_checks_are_a_400_in_openais_format_naming_the_field(router_errors, path, body, param):
     # Found by a fresh-eye trial: vLLM's VLLMValidationError is not a ValueError, so it passed pydantic by;

@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
 from deployments.observability import metrics
-from deployments.router.request_models import FieldError
+from deployments.router.request_models import FieldError, request_field_names
 
 # OpenAI's error `type` for the statuses that have their own; any other 4xx is the client's
 # (invalid_request_error), any other 5xx the server's (server_error).
@@ -38,16 +38,36 @@ def error_type_for(status: int, given: str | None = None) -> str:
 _WRAPPED = re.compile(r"^Message: (?:[\w.]+(?:Error|Exception): )?(?P<message>.*?)(?: \(Request ID: [^)]*\))?"
                       r", Internal exception: ", re.S)
 _PARAMETER = re.compile(r"\(parameter=(?P<param>[\w.\[\]]+)")
+_QUOTED_NAME = re.compile(r"['`\"](?P<name>[a-z_]+)['`\"]")
+_NAME = re.compile(r"\b(?P<name>[A-Za-z][a-z_]*)\b")
+# Request fields too common as words to be read as a field's name when unquoted.
+_PROSE_WORDS = frozenset({"n", "user", "model", "echo", "stream", "messages", "tools"})
 
 
 def readable(message: str) -> tuple[str, str | None]:
     """An engine error's message as a client should read it (once, without exception classes or the
-    request id) and the request field it names, if any."""
+    request id) and the request field it names, if any: vLLM's ``(parameter=...)`` marker where it
+    gives one, else the first request field the message names ("top_k must be -1 (disable), or at least
+    1, got -5." names ``top_k``), quoted names first."""
     wrapped = _WRAPPED.match(message)
     if wrapped:
         message = wrapped.group("message")
     named = _PARAMETER.search(message)
-    return message.strip(), named.group("param") if named else None
+    return message.strip(), named.group("param") if named else field_named_in(message)
+
+
+def field_named_in(message: str) -> str | None:
+    """The request field a message is about: the first quoted field name, else the first field name
+    written as a word (not one of the common words in ``_PROSE_WORDS``); None when it names none."""
+    fields = request_field_names()
+    for match in _QUOTED_NAME.finditer(message):
+        if match.group("name") in fields:
+            return match.group("name")
+    for match in _NAME.finditer(message):
+        name = match.group("name").lower()
+        if name in fields and name not in _PROSE_WORDS:
+            return name
+    return None
 
 
 def openai_error(
@@ -155,6 +175,60 @@ async def _engine_exception_to_openai(request: Request, exc) -> JSONResponse:
     # Raised by the routes the router inherits from Ray Serve LLM's ingress (GET /v1/models/{id}).
     message, param = readable(exc.message)
     return openai_error(exc.status_code, message, exc.type, param=param)
+
+
+class ApplicationErrors:
+    """Ray Serve LLM's last application-error layer, as a plain ASGI middleware: an exception no handler
+    took (the handlers above convert the known ones) becomes an OpenAI-format error, 500 "Internal Server
+    Error" unless the exception carries a status (Ray Serve LLM's ``get_response_for_error`` decides it and
+    logs it, as before).
+
+    Ray Serve LLM installs that layer as a Starlette ``BaseHTTPMiddleware``, which runs every request in a
+    task group of its own and passes every streamed chunk through an in-memory stream; this one only
+    watches the response start. An exception after the response started propagates, as it did."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watched(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception as exc:  # CancelledError is a BaseException: it passes, as before
+            if started:
+                raise
+            await _uncaught_as_openai(Request(scope), exc)(scope, receive, send)
+
+
+def _uncaught_as_openai(request: Request, exc: Exception) -> JSONResponse:
+    from ray.llm._internal.serve.utils.server_utils import get_response_for_error
+
+    error = get_response_for_error(exc, request.headers.get("x-request-id", "")).error
+    message, param = readable(error.message)
+    return openai_error(error.code, message, error.type, param=param)
+
+
+def replace_application_error_middleware(app: FastAPI) -> bool:
+    """Swap Ray Serve LLM's ``BaseHTTPMiddleware`` error layer in ``app`` for ``ApplicationErrors``, in its
+    place; False (and nothing changed) if this Ray's app has no such layer."""
+    from starlette.middleware import Middleware
+    from starlette.middleware.base import BaseHTTPMiddleware
+
+    for at, middleware in enumerate(app.user_middleware):
+        if middleware.cls is BaseHTTPMiddleware and "application_exceptions" in getattr(
+                middleware.kwargs.get("dispatch"), "__name__", ""):
+            app.user_middleware[at] = Middleware(ApplicationErrors)
+            return True
+    return False
 
 
 def install_openai_error_handlers(app: FastAPI) -> None:

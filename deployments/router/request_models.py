@@ -85,11 +85,17 @@ def _holds_huge_int(value: Any) -> bool:
 
 
 def check_raw_fields(data: Any) -> None:
-    """Refuse (ValueError: a 400) what the engine cannot carry: integers beyond 64 bits."""
+    """Refuse (FieldError: a 400 naming the field) what the engine cannot carry: integers beyond 64 bits."""
     if isinstance(data, dict):
         for name, value in data.items():
             if _holds_huge_int(value):
-                raise ValueError(f"'{name}' holds an integer outside the 64-bit range")
+                raise FieldError("holds an integer outside the 64-bit range", name)
+
+
+@functools.cache
+def request_field_names() -> frozenset[str]:
+    """Every field of the chat and completion request models (vLLM's, as Ray Serve LLM exports them)."""
+    return frozenset(_ChatCompletionRequest.model_fields) | frozenset(_CompletionRequest.model_fields)
 
 
 _SCALARS = (bool, int, float)
