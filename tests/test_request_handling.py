@@ -245,7 +245,7 @@ class _NoEncoding:
 def _counter(tokenizer, context_limit: int, max_token_bytes: int) -> PromptTokenCounter:
     counter = PromptTokenCounter.__new__(PromptTokenCounter)
     counter._tokenizer, counter._content_format = tokenizer, "string"
-    counter._context_limit, counter._max_token_bytes = context_limit, max_token_bytes
+    counter.context_limit, counter._max_token_bytes = context_limit, max_token_bytes
     return counter
 
 

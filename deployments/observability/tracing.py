@@ -134,7 +134,9 @@ class RequestTrace:
         try:
             parent = propagate.extract(headers) if "traceparent" in headers else None
             root = tracer().start_span("llm.request", context=parent, kind=SpanKind.SERVER,
-                                       attributes={"llm.endpoint": endpoint, SERVE_REQUEST_ID: serve_request_id()})
+                                       attributes={"llm.endpoint": endpoint})
+            if root.is_recording():  # the request id is looked up only for a span that keeps it
+                root.set_attribute(SERVE_REQUEST_ID, serve_request_id())
             return cls(root)
         except Exception:
             return cls(_NOOP_SPAN)
@@ -203,10 +205,11 @@ def trace_first_output(outputs: AsyncIterator[T]) -> AsyncIterator[T]:
     this call until its first item (module docstring). Returns ``outputs`` itself while tracing is off,
     so a stream pays for the wrapper only when spans are recorded."""
     try:
-        span = tracer().start_span(REPLICA_FIRST_OUTPUT, attributes={SERVE_REQUEST_ID: serve_request_id()})
+        span = tracer().start_span(REPLICA_FIRST_OUTPUT)
+        if not span.is_recording():
+            return outputs
+        span.set_attribute(SERVE_REQUEST_ID, serve_request_id())
     except Exception:
-        return outputs
-    if not span.is_recording():
         return outputs
     return _until_first(outputs, span)
 

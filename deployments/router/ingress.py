@@ -270,7 +270,7 @@ class Router(OpenAiIngress):
         if not prompt.exact:  # too large to tokenise for any pool: refused from its size
             return _counted(RequestProblem(
                 f"prompt has at least {prompt_tokens} tokens (from its size), beyond the model's context of "
-                f"{max(route.max_model_len for route in self._routes)} tokens",
+                f"{self._tokens.context_limit} tokens",
                 "messages" if hasattr(body, "messages") else "prompt"), "admission")
         classification = classify(prompt_tokens, request.headers.get(PRIORITY_HEADER), self._settings.classification)
         if isinstance(classification, RequestProblem):

@@ -47,11 +47,15 @@ class PromptTokens:
 
 
 class _BeyondContext(Exception):
-    """A text whose size alone puts it beyond the context limit: ``at_least`` tokens."""
+    """A text whose size alone puts it beyond the context limit: ``at_least`` tokens, in a request of
+    ``prompts`` prompts."""
 
-    def __init__(self, at_least: int):
+    def __init__(self, at_least: int, prompts: int = 1):
         super().__init__(at_least)
-        self.at_least = at_least
+        self.at_least, self.prompts = at_least, prompts
+
+    def counted(self) -> PromptTokens:
+        return PromptTokens(self.at_least, self.at_least, self.prompts, exact=False)
 
 
 def detect_content_format(chat_template: str | None) -> str:
@@ -131,14 +135,14 @@ class PromptTokenCounter:
         self._tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
         self.vocab_size = model_vocab_size(self._tokenizer, tokenizer_source)
         self._content_format = detect_content_format(getattr(self._tokenizer, "chat_template", None))
-        self._context_limit = context_limit
+        self.context_limit = context_limit
         self._max_token_bytes = max_token_bytes(self._tokenizer) if context_limit else 1
 
     def _count(self, text: str) -> int:
-        if self._context_limit and len(text) > self._context_limit:  # only then is the size worth a look
+        if self.context_limit and len(text) > self.context_limit:  # only then is the size worth a look
             # Halved: a tokenizer's normaliser may shorten a text a little before it is split.
             at_least = len(text.encode("utf-8", "surrogatepass")) // (2 * self._max_token_bytes)
-            if at_least > self._context_limit:
+            if at_least > self.context_limit:
                 raise _BeyondContext(at_least)
         return len(self._tokenizer.encode(text, add_special_tokens=False))
 
@@ -155,15 +159,14 @@ class PromptTokenCounter:
         try:
             return PromptTokens.one(self._count(text))
         except _BeyondContext as beyond:
-            return PromptTokens(beyond.at_least, beyond.at_least, 1, exact=False)
+            return beyond.counted()
 
     def completion(self, prompt: Any) -> PromptTokens:
         """str, list of str, token ids, or list of token-id lists (a batch: one prompt per item)."""
         try:
             return self._completion(prompt)
         except _BeyondContext as beyond:
-            prompts = len(prompt) if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) else 1
-            return PromptTokens(beyond.at_least, beyond.at_least, prompts, exact=False)
+            return beyond.counted()
 
     def _completion(self, prompt: Any) -> PromptTokens:
         if isinstance(prompt, str):
@@ -172,5 +175,8 @@ class PromptTokenCounter:
             return PromptTokens.one(0)
         if all(isinstance(t, int) for t in prompt):
             return PromptTokens.one(len(prompt))
-        counts = [self._completion(p).longest for p in prompt]
+        try:
+            counts = [self._completion(p).longest for p in prompt]
+        except _BeyondContext as beyond:
+            raise _BeyondContext(beyond.at_least, len(prompt)) from None
         return PromptTokens(max(counts), sum(counts), len(counts))
